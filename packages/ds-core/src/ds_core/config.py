@@ -13,9 +13,9 @@ import difflib
 import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
@@ -143,7 +143,7 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return f"invalid config ({source}):\n" + "\n".join(lines)
 
 
-def load_config_source(source: Union[str, os.PathLike, Mapping[str, Any], None], env_var: str = "DS_CONFIG") -> dict:
+def load_config_source(source: str | os.PathLike | Mapping[str, Any] | None, env_var: str = "DS_CONFIG") -> dict:
     """A config as a plain dict from a dict, a JSON file path, a JSON string, or the path in `env_var`."""
     if source is None:
         path = os.environ.get(env_var)

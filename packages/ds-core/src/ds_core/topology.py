@@ -28,7 +28,7 @@ class ProcessTopology:
             raise TopologyError(f"{len(axes)} axes {axes} but {len(dims)} sizes {dims}")
         if len(set(axes)) != len(axes):
             raise TopologyError(f"axis names repeat: {axes}")
-        for axis, dim in zip(axes, dims):
+        for axis, dim in zip(axes, dims, strict=False):
             if dim < 1:
                 raise TopologyError(f"axis '{axis}' has size {dim}; sizes must be >= 1")
         self.axes = axes
@@ -87,7 +87,7 @@ class ProcessTopology:
         return lists
 
     def __repr__(self) -> str:
-        return "ProcessTopology(" + ", ".join(f"{a}={d}" for a, d in zip(self.axes, self.dims)) + ")"
+        return "ProcessTopology(" + ", ".join(f"{a}={d}" for a, d in zip(self.axes, self.dims, strict=False)) + ")"
 
 
 def PipeModelDataParallelTopology(num_pp: int, num_mp: int, num_dp: int) -> ProcessTopology:  # noqa: N802
@@ -111,7 +111,7 @@ def make_topology(world_size: int, **sizes: int) -> ProcessTopology:
     topo = ProcessTopology(axes, dims)
     if topo.world_size() != world_size:
         raise TopologyError(
-            f"axis sizes {dict(zip(axes, dims))} multiply to {topo.world_size()}, but the world size is {world_size}"
+            f"axis sizes {dict(zip(axes, dims, strict=False))} multiply to {topo.world_size()}, but the world size is {world_size}"
         )
     return topo
 

@@ -262,7 +262,7 @@ def all_gather(tensor_list: list[torch.Tensor], tensor: torch.Tensor, group: Pro
     def fallback() -> None:
         flat = torch.empty(get_world_size(group) * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
         _all_gather_flat(flat, tensor.contiguous().view(-1), group=group)
-        for out, part in zip(tensor_list, flat.view(len(tensor_list), -1)):
+        for out, part in zip(tensor_list, flat.view(len(tensor_list), -1), strict=False):
             out.copy_(part.view_as(out))
 
     return _run("all_gather", group, lambda: dist.all_gather(tensor_list, tensor, group=group, async_op=async_op),
