@@ -1,4 +1,5 @@
 """The KV block allocator under load: no leaks, waiting instead of corruption, prefix sharing."""
+
 from __future__ import annotations
 
 import random
@@ -18,8 +19,16 @@ def test_1000_random_requests_with_cancellations_leak_no_block_and_keep_outputs_
     prompts = base + [base[4][:20] + p for p in random_prompts([4, 13, 1, 8, 25, 2], seed=6)]
     expected = [reference_greedy(model, p, 8) for p in prompts]
     # 40 blocks x 4 positions: far fewer than the requests want, so requests must wait and preempt
-    engine = LLMEngine(model, config={"block_size": 4, "num_blocks": 40, "max_num_batched_tokens": 32,
-                                      "max_num_seqs": 16, "max_queue_size": 2000})
+    engine = LLMEngine(
+        model,
+        config={
+            "block_size": 4,
+            "num_blocks": 40,
+            "max_num_batched_tokens": 32,
+            "max_num_seqs": 16,
+            "max_queue_size": 2000,
+        },
+    )
     kinds: dict[str, tuple[int, int]] = {}
     finished: dict[str, list[int]] = {}
     submitted = 0
@@ -50,8 +59,15 @@ def test_1000_random_requests_with_cancellations_leak_no_block_and_keep_outputs_
 def test_out_of_blocks_makes_requests_wait():
     model = tiny_model("gpt2")
     prompts = random_prompts([30, 30, 30])
-    engine = LLMEngine(model, config={"block_size": 4, "num_blocks": 12, "max_num_batched_tokens": 64,
-                                      "enable_prefix_caching": False})
+    engine = LLMEngine(
+        model,
+        config={
+            "block_size": 4,
+            "num_blocks": 12,
+            "max_num_batched_tokens": 64,
+            "enable_prefix_caching": False,
+        },
+    )
     ids = [engine.add_request(p, SamplingParams(max_tokens=4, ignore_eos=True)) for p in prompts]
     engine.step()
     assert len(engine.scheduler.running) == 1 and len(engine.scheduler.waiting) == 2

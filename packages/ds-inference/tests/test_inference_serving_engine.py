@@ -1,4 +1,5 @@
 """The serving engine's greedy tokens equal transformers generate(); requests join mid-flight."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,17 +13,21 @@ def test_serving_greedy_equals_transformers_generate_with_requests_joining_mid_f
     model = tiny_model(family)
     prompts = random_prompts([5, 37, 12, 3, 61, 20])
     new_tokens = [10, 6, 14, 9, 5, 12]
-    expected = [reference_greedy(model, p, n) for p, n in zip(prompts, new_tokens)]
+    expected = [reference_greedy(model, p, n) for p, n in zip(prompts, new_tokens, strict=True)]
     # a small block size and token budget force chunked prefill and several blocks per sequence
     engine = LLMEngine(model, config={"block_size": 4, "num_blocks": 128, "max_num_batched_tokens": 24})
     got: dict[str, list[int]] = {}
-    ids = [engine.add_request(p, SamplingParams(max_tokens=n, ignore_eos=True))
-           for p, n in zip(prompts[:3], new_tokens[:3])]
+    ids = [
+        engine.add_request(p, SamplingParams(max_tokens=n, ignore_eos=True))
+        for p, n in zip(prompts[:3], new_tokens[:3], strict=True)
+    ]
     steps = 0
     while engine.has_unfinished() or len(ids) < len(prompts):
         if steps in (2, 5, 9) and len(ids) < len(prompts):  # later requests join between passes
             i = len(ids)
-            ids.append(engine.add_request(prompts[i], SamplingParams(max_tokens=new_tokens[i], ignore_eos=True)))
+            ids.append(
+                engine.add_request(prompts[i], SamplingParams(max_tokens=new_tokens[i], ignore_eos=True))
+            )
         for out in engine.step():
             if out.finished:
                 got[out.request_id] = out.token_ids
@@ -68,10 +73,13 @@ def test_seeded_sampling_is_reproducible_and_options_change_the_distribution():
     params = SamplingParams(max_tokens=20, temperature=1.5, top_k=20, top_p=0.9, seed=7, ignore_eos=True)
     a, b = engine.generate(prompts, [params, params])
     assert a.token_ids == b.token_ids  # same prompt, same seed, batched together
-    c = engine.generate([prompts[0]], SamplingParams(max_tokens=20, temperature=1.5, seed=8, ignore_eos=True))[0]
+    c = engine.generate(
+        [prompts[0]], SamplingParams(max_tokens=20, temperature=1.5, seed=8, ignore_eos=True)
+    )[0]
     assert c.token_ids != a.token_ids
-    top1 = engine.generate([prompts[0]], SamplingParams(max_tokens=10, temperature=2.0, top_k=1, seed=3,
-                                                        ignore_eos=True))[0]
+    top1 = engine.generate(
+        [prompts[0]], SamplingParams(max_tokens=10, temperature=2.0, top_k=1, seed=3, ignore_eos=True)
+    )[0]
     assert top1.token_ids == reference_greedy(model, prompts[0], 10)  # top_k=1 is greedy
 
 
@@ -80,8 +88,9 @@ def test_repetition_penalty_matches_transformers():
 
     model = tiny_model("qwen2")
     prompt = random_prompts([10])[0]
-    gc = GenerationConfig(max_new_tokens=12, do_sample=False, repetition_penalty=1.8, eos_token_id=None,
-                          pad_token_id=0)
+    gc = GenerationConfig(
+        max_new_tokens=12, do_sample=False, repetition_penalty=1.8, eos_token_id=None, pad_token_id=0
+    )
     ids = torch.tensor([prompt])
     ref = model.generate(ids, generation_config=gc, attention_mask=torch.ones_like(ids))[0, 10:].tolist()
     engine = LLMEngine(model, config={"num_blocks": 32})

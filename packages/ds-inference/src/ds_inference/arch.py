@@ -6,6 +6,7 @@ projections, norms, MLP/MoE blocks) on it, and delegates attention to a callback
 writes the paged KV cache. One adapter per family describes where the submodules live; every
 architecture of a family (Llama, Mistral, Qwen2, Mixtral, SmolLM2 ...) shares one adapter.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -54,8 +55,13 @@ class ModelAdapter:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionFn,
-                logits_indices: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attention: AttentionFn,
+        logits_indices: torch.Tensor,
+    ) -> torch.Tensor:
         hidden = self.prepare(input_ids, positions)
         for i in range(self.num_layers):
             hidden = self.layer(i, hidden, attention)
@@ -68,7 +74,12 @@ class LlamaLikeAdapter(ModelAdapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         base = model.model
-        self.embed_tokens, self.layers, self.norm, self.rotary = base.embed_tokens, base.layers, base.norm, base.rotary_emb
+        self.embed_tokens, self.layers, self.norm, self.rotary = (
+            base.embed_tokens,
+            base.layers,
+            base.norm,
+            base.rotary_emb,
+        )
         self.lm_head = model.lm_head
         attn = self.layers[0].self_attn
         self.num_layers = len(self.layers)
@@ -135,7 +146,9 @@ class GPT2Adapter(ModelAdapter):
         attn = layer.attn
         tokens, d = hidden.shape[0], self.head_dim
         q, k, v = attn.c_attn(layer.ln_1(hidden)).split(attn.split_size, dim=-1)
-        out = attention(index, q.view(tokens, -1, d), k.view(tokens, -1, d), v.view(tokens, -1, d), attn.scaling)
+        out = attention(
+            index, q.view(tokens, -1, d), k.view(tokens, -1, d), v.view(tokens, -1, d), attn.scaling
+        )
         hidden = hidden + attn.c_proj(out.reshape(tokens, -1))
         return hidden + layer.mlp(layer.ln_2(hidden))
 

@@ -2,6 +2,7 @@
 
 Used by the package tests and the benchmarks; nothing here is needed to serve a model.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,14 @@ VOCAB = 128
 
 def tiny_config(family: str, vocab: int = VOCAB):
     common = dict(vocab_size=vocab, max_position_embeddings=256)
-    llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, **common)
+    llama_like = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **common,
+    )
     if family == "llama":
         cfg = LlamaConfig(**llama_like)
     elif family == "mistral":
@@ -34,8 +41,14 @@ def tiny_config(family: str, vocab: int = VOCAB):
     elif family == "gpt2":
         cfg = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256)
     elif family == "opt":
-        cfg = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                        word_embed_proj_dim=64, **common)
+        cfg = OPTConfig(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            **common,
+        )
     else:
         raise ValueError(family)
     # larger weights than the default 0.02 give peaked logits, so greedy ties cannot flip on rounding
@@ -58,7 +71,7 @@ def reference_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]
     ids = torch.tensor([prompt])
     with torch.no_grad():
         out = model.generate(ids, generation_config=gc, attention_mask=torch.ones_like(ids))
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def random_prompts(lengths, seed: int = 1, vocab: int = VOCAB) -> list[list[int]]:

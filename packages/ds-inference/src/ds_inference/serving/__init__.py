@@ -1,4 +1,5 @@
 """FastGen-style serving: paged KV cache, Dynamic SplitFuse scheduler, continuous batching."""
+
 from .config import ServingConfig
 from .llm_engine import LLMEngine, QueueFullError, RequestOutput
 from .sampling import SamplingParams

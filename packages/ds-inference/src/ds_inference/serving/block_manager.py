@@ -5,6 +5,7 @@ tokens (and all tokens before it) are known is keyed by a chained hash of its to
 sequence with the same prefix reuses it instead of recomputing it. Freed blocks keep their key
 and sit in an LRU free list, so a later request can still hit them until they are recycled.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -67,7 +68,7 @@ class BlockManager:
         parent = 0
         matched = 0
         for start in range(0, len(seq.token_ids) - 1 - bs + 1, bs):
-            tokens = tuple(seq.token_ids[start:start + bs])
+            tokens = tuple(seq.token_ids[start : start + bs])
             key = hash((parent, tokens))
             block = self._key_to_block.get(key)
             if block is None or self._block_key[block][1] != tokens:
@@ -91,7 +92,7 @@ class BlockManager:
         for i in range(seq.num_hashed_blocks, seq.num_computed // bs):
             block = seq.block_table[i]
             known = self._block_key.get(block)
-            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             key = hash((parent, tokens))
             if known is None:
                 self._block_key[block] = (key, tokens)

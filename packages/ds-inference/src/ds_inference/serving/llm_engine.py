@@ -1,4 +1,5 @@
 """The serving engine: requests in, one scheduled ragged forward pass per ``step()``, tokens out."""
+
 from __future__ import annotations
 
 import itertools
@@ -57,13 +58,16 @@ class LLMEngine:
     >>> while engine.has_unfinished(): outputs = engine.step()
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None,
-                 config: ServingConfig | dict | str | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer: Any = None, config: ServingConfig | dict | str | None = None
+    ) -> None:
         cfg = config if isinstance(config, ServingConfig) else parse_config(ServingConfig, config or {})
         self.config = cfg
         self.tokenizer = tokenizer
         self.model = model
-        model_max = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        model_max = getattr(model.config, "max_position_embeddings", None) or getattr(
+            model.config, "n_positions", None
+        )
         self.max_model_len = cfg.max_model_len or model_max or 2048
         if model_max and self.max_model_len > model_max:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's {model_max} positions")
@@ -73,7 +77,9 @@ class LLMEngine:
 
             a = get_adapter(model)
             dtype = next(model.parameters()).dtype
-            per_block = PagedKVCache.bytes_per_block(a.num_layers, cfg.block_size, a.num_kv_heads, a.head_dim, dtype)
+            per_block = PagedKVCache.bytes_per_block(
+                a.num_layers, cfg.block_size, a.num_kv_heads, a.head_dim, dtype
+            )
             num_blocks = max(1, int(cfg.kv_cache_gb * 2**30) // per_block)
         self.runner = ModelRunner(model, num_blocks, cfg.block_size)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
@@ -88,28 +94,37 @@ class LLMEngine:
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer; pass token ids or give the engine a tokenizer")
+                raise ValueError(
+                    "a text prompt needs a tokenizer; pass token ids or give the engine a tokenizer"
+                )
             return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
         if not all(isinstance(t, int) for t in prompt):
             raise ValueError("a prompt must be a string or a list of token ids (ints)")
         return list(prompt)
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
         params = params or SamplingParams()
         ids = self.encode(prompt)
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens but the context is {self.max_model_len} tokens "
-                             f"(prompt + at least one generated token must fit)")
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens but the context is {self.max_model_len} tokens "
+                f"(prompt + at least one generated token must fit)"
+            )
         vocab = self.runner.adapter.config.vocab_size
         if ids and (min(ids) < 0 or max(ids) >= vocab):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         total = min(len(ids) + params.max_tokens, self.max_model_len)
         if -(-total // self.blocks.block_size) > self.blocks.num_blocks:
-            raise ValueError(f"a request of {total} tokens needs more KV blocks than the cache holds "
-                             f"({self.blocks.num_blocks} x {self.blocks.block_size}); raise num_blocks/kv_cache_gb")
+            raise ValueError(
+                f"a request of {total} tokens needs more KV blocks than the cache holds "
+                f"({self.blocks.num_blocks} x {self.blocks.block_size}); raise num_blocks/kv_cache_gb"
+            )
         if len(self._seqs) >= self.config.max_queue_size:
-            raise QueueFullError(f"{len(self._seqs)} requests in flight (max_queue_size={self.config.max_queue_size})")
+            raise QueueFullError(
+                f"{len(self._seqs)} requests in flight (max_queue_size={self.config.max_queue_size})"
+            )
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in flight")
@@ -150,10 +165,14 @@ class LLMEngine:
             self.blocks.register_full_blocks(chunk.seq)
         if not sampling:
             return outputs
-        new_tokens = sample_next_tokens(logits, [s.params for s in sampling], [s.token_ids for s in sampling],
-                                        [s.generator for s in sampling])
+        new_tokens = sample_next_tokens(
+            logits,
+            [s.params for s in sampling],
+            [s.token_ids for s in sampling],
+            [s.generator for s in sampling],
+        )
         now = time.perf_counter()
-        for seq, token in zip(sampling, new_tokens):
+        for seq, token in zip(sampling, new_tokens, strict=True):
             seq.token_ids.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -184,7 +203,9 @@ class LLMEngine:
 
     def _decode(self, seq: Sequence) -> str:
         if self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; use stop_token_ids or give the engine a tokenizer")
+            raise ValueError(
+                "stop strings need a tokenizer; use stop_token_ids or give the engine a tokenizer"
+            )
         return self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
 
     def _output(self, seq: Sequence, new_tokens: list[int]) -> RequestOutput:
@@ -200,22 +221,33 @@ class LLMEngine:
                     if seq.params.stop:
                         safe = max(seq.text_sent, safe - max(len(s) for s in seq.params.stop) + 1)
                 seq.text = text[:safe] if not seq.is_finished else text
-            delta = seq.text[seq.text_sent:]
+            delta = seq.text[seq.text_sent :]
             seq.text_sent = len(seq.text)
         metrics = {}
         if seq.first_token_time is not None:
             metrics["ttft_s"] = seq.first_token_time - seq.arrival_time
-        return RequestOutput(seq.request_id, new_tokens, list(seq.output_ids), delta, seq.text,
-                             seq.is_finished, seq.finish_reason, seq.prompt_len, seq.num_cached_prompt_tokens, metrics)
+        return RequestOutput(
+            seq.request_id,
+            new_tokens,
+            list(seq.output_ids),
+            delta,
+            seq.text,
+            seq.is_finished,
+            seq.finish_reason,
+            seq.prompt_len,
+            seq.num_cached_prompt_tokens,
+            metrics,
+        )
 
     # --- offline batch ----------------------------------------------------------------------
-    def generate(self, prompts: list[str | list[int]],
-                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+    def generate(
+        self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
         """Run ``prompts`` to completion (continuous batching); outputs in prompt order."""
         if isinstance(params, list) and len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
         per = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, per)]
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, per, strict=True)]
         final: dict[str, RequestOutput] = {}
         while len(final) < len(ids):
             for out in self.step():
@@ -228,7 +260,8 @@ class LLMEngine:
 
     def describe(self) -> str:
         cache = self.runner.cache
-        return (f"LLMEngine(blocks={self.blocks.num_blocks}x{self.blocks.block_size}, "
-                f"kv_cache={cache.nbytes / 2**20:.0f} MiB, budget={self.scheduler.token_budget} tokens, "
-                f"max_seqs={self.scheduler.max_num_seqs}, max_model_len={self.max_model_len})")
-
+        return (
+            f"LLMEngine(blocks={self.blocks.num_blocks}x{self.blocks.block_size}, "
+            f"kv_cache={cache.nbytes / 2**20:.0f} MiB, budget={self.scheduler.token_budget} tokens, "
+            f"max_seqs={self.scheduler.max_num_seqs}, max_model_len={self.max_model_len})"
+        )

@@ -1,4 +1,5 @@
 """Turns scheduled chunks into one ragged forward pass and returns the logits that sample."""
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,9 @@ class ModelRunner:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         a = self.adapter
-        self.cache = PagedKVCache(a.num_layers, num_blocks, block_size, a.num_kv_heads, a.head_dim,
-                                  self.dtype, self.device)
+        self.cache = PagedKVCache(
+            a.num_layers, num_blocks, block_size, a.num_kv_heads, a.head_dim, self.dtype, self.device
+        )
         self.block_size = block_size
 
     @torch.inference_mode()
@@ -35,7 +37,7 @@ class ModelRunner:
             seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
             table = seq.block_table
             row = len(ids)
-            ids.extend(seq.token_ids[start:start + n])
+            ids.extend(seq.token_ids[start : start + n])
             pos = range(start, start + n)
             positions.extend(pos)
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
@@ -45,7 +47,11 @@ class ModelRunner:
         dev = self.device
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        attention = AttentionBatch(self.cache, seq_slices, torch.tensor(slots, dtype=torch.long, device=dev),
-                                   self.adapter.sliding_window)
+        attention = AttentionBatch(
+            self.cache,
+            seq_slices,
+            torch.tensor(slots, dtype=torch.long, device=dev),
+            self.adapter.sliding_window,
+        )
         rows = torch.tensor(logits_rows, dtype=torch.long, device=dev)
         return self.adapter.forward(input_ids, pos_t, attention, rows)

@@ -6,6 +6,7 @@ back by gathering whole blocks from its block table. Decoding sequences (one que
 are attended in one padded batch; prefill chunks one by one with a causal mask offset by the
 tokens already in the cache.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -18,8 +19,16 @@ __all__ = ["PagedKVCache", "AttentionBatch", "SeqSlice"]
 
 
 class PagedKVCache:
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -30,9 +39,17 @@ class PagedKVCache:
         return 2 * self.k.numel() * self.k.element_size()
 
     @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                        dtype: torch.dtype) -> int:
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    def bytes_per_block(
+        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        return (
+            2
+            * num_layers
+            * block_size
+            * num_kv_heads
+            * head_dim
+            * torch.empty((), dtype=dtype).element_size()
+        )
 
 
 @dataclass
@@ -48,8 +65,13 @@ class SeqSlice:
 class AttentionBatch:
     """Per-pass metadata; calling it runs attention for one layer (the adapter's AttentionFn)."""
 
-    def __init__(self, cache: PagedKVCache, seqs: list[SeqSlice], slot_mapping: torch.Tensor,
-                 window_of_layer: Callable[[int], int | None]) -> None:
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        seqs: list[SeqSlice],
+        slot_mapping: torch.Tensor,
+        window_of_layer: Callable[[int], int | None],
+    ) -> None:
         self.cache = cache
         self.slot_mapping = slot_mapping
         self.window_of_layer = window_of_layer
@@ -68,7 +90,9 @@ class AttentionBatch:
             self.decode_ctx = ctx
             self.decode_key_pos = torch.arange(max_blocks * bs, device=device)
             self.decode_mask = self.decode_key_pos[None, :] < ctx[:, None]  # (B, K)
-        self.prefill_tables = [torch.tensor(s.block_table, dtype=torch.long, device=device) for s in self.prefills]
+        self.prefill_tables = [
+            torch.tensor(s.block_table, dtype=torch.long, device=device) for s in self.prefills
+        ]
 
     def _masks_for_window(self, window: int | None) -> torch.Tensor:
         mask = self.decode_mask
@@ -76,7 +100,9 @@ class AttentionBatch:
             mask = mask & (self.decode_key_pos[None, :] > (self.decode_ctx[:, None] - 1 - window))
         return mask[:, None, None, :]
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         num_blocks, bs, heads_kv, d = k_cache.shape
         flat_k, flat_v = k_cache.view(-1, heads_kv, d), v_cache.view(-1, heads_kv, d)
@@ -90,25 +116,32 @@ class AttentionBatch:
             keys = k_cache[self.decode_tables].view(b, nb * bs, heads_kv, d).transpose(1, 2)
             vals = v_cache[self.decode_tables].view(b, nb * bs, heads_kv, d).transpose(1, 2)
             qd = q[self.decode_rows][:, :, None, :]  # (B, Hq, 1, D)
-            o = F.scaled_dot_product_attention(qd, keys.to(q.dtype), vals.to(q.dtype),
-                                               attn_mask=self._masks_for_window(window), scale=scale,
-                                               enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(
+                qd,
+                keys.to(q.dtype),
+                vals.to(q.dtype),
+                attn_mask=self._masks_for_window(window),
+                scale=scale,
+                enable_gqa=gqa,
+            )
             out[self.decode_rows] = o[:, :, 0, :]
-        for s, table in zip(self.prefills, self.prefill_tables):
+        for s, table in zip(self.prefills, self.prefill_tables, strict=True):
             keys = k_cache[table].view(-1, heads_kv, d)[: s.ctx_len].transpose(0, 1)[None]
             vals = v_cache[table].view(-1, heads_kv, d)[: s.ctx_len].transpose(0, 1)[None]
-            qs = q[s.q_start: s.q_start + s.q_len].transpose(0, 1)[None]
+            qs = q[s.q_start : s.q_start + s.q_len].transpose(0, 1)[None]
             start = s.ctx_len - s.q_len
             if start == 0 and window is None:
-                o = F.scaled_dot_product_attention(qs, keys.to(q.dtype), vals.to(q.dtype), is_causal=True,
-                                                   scale=scale, enable_gqa=gqa)
+                o = F.scaled_dot_product_attention(
+                    qs, keys.to(q.dtype), vals.to(q.dtype), is_causal=True, scale=scale, enable_gqa=gqa
+                )
             else:
                 q_pos = torch.arange(start, s.ctx_len, device=q.device)[:, None]
                 k_pos = torch.arange(s.ctx_len, device=q.device)[None, :]
                 mask = k_pos <= q_pos
                 if window is not None:
                     mask = mask & (k_pos > q_pos - window)
-                o = F.scaled_dot_product_attention(qs, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask,
-                                                   scale=scale, enable_gqa=gqa)
-            out[s.q_start: s.q_start + s.q_len] = o[0].transpose(0, 1)
+                o = F.scaled_dot_product_attention(
+                    qs, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=gqa
+                )
+            out[s.q_start : s.q_start + s.q_len] = o[0].transpose(0, 1)
         return out

@@ -1,4 +1,5 @@
 """Per-request sampling options and the sampler that applies them to a row of logits."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -75,14 +76,18 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
     return logits
 
 
-def sample_next_tokens(logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]],
-                       generators: list[torch.Generator | None]) -> list[int]:
+def sample_next_tokens(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    histories: list[list[int]],
+    generators: list[torch.Generator | None],
+) -> list[int]:
     """One next token per row of ``logits`` (S, V); ``histories`` are the tokens seen so far per row."""
     logits = logits.float()
     if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
         return logits.argmax(dim=-1).tolist()  # fast path: the whole batch greedy
     tokens = []
-    for row, p, seen, gen in zip(logits, params, histories, generators):
+    for row, p, seen, gen in zip(logits, params, histories, generators, strict=True):
         row = _apply_repetition_penalty(row, seen, p.repetition_penalty)
         if p.greedy:
             tokens.append(int(row.argmax()))

@@ -6,6 +6,7 @@ remaining budget is split into chunks over several passes. Requests join and lea
 When the cache runs out of blocks, the newest running sequence is preempted (its blocks freed, its
 tokens recomputed later) and new requests simply wait; no sequence ever writes another's blocks.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -84,7 +85,9 @@ class Scheduler:
                 self._preempt(victim)
                 if victim is seq:
                     break
-            if seq.status is not SequenceStatus.RUNNING or self.blocks.blocks_needed(seq, seq.num_computed + n):
+            if seq.status is not SequenceStatus.RUNNING or self.blocks.blocks_needed(
+                seq, seq.num_computed + n
+            ):
                 continue
             chunks.append(ScheduledChunk(seq, seq.num_computed, n))
             scheduled.add(id(seq))
@@ -101,7 +104,8 @@ class Scheduler:
                     need = self.blocks.blocks_needed(seq, seq.num_computed + n)
                     raise RuntimeError(
                         f"request {seq.request_id!r} needs {need} free KV blocks but the cache has only "
-                        f"{self.blocks.num_free}; raise num_blocks or lower max_num_batched_tokens")
+                        f"{self.blocks.num_free}; raise num_blocks or lower max_num_batched_tokens"
+                    )
                 break  # wait for running sequences to free blocks
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING

@@ -1,4 +1,5 @@
 """One request's state inside the serving engine."""
+
 from __future__ import annotations
 
 import enum
@@ -48,7 +49,7 @@ class Sequence:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len:]
+        return self.token_ids[self.prompt_len :]
 
     @property
     def num_output(self) -> int:
@@ -63,5 +64,7 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def __repr__(self) -> str:
-        return (f"Sequence({self.request_id!r}, tokens={len(self.token_ids)}, computed={self.num_computed}, "
-                f"blocks={len(self.block_table)}, {self.status.value})")
+        return (
+            f"Sequence({self.request_id!r}, tokens={len(self.token_ids)}, computed={self.num_computed}, "
+            f"blocks={len(self.block_table)}, {self.status.value})"
+        )
