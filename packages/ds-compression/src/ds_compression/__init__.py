@@ -13,14 +13,17 @@ from .model_utils import CompressionInputError, load_model_dir
 from .prune.structured import prune_channels, prune_heads
 from .prune.unstructured import prune_magnitude, prune_n_m, sparsity
 from .quant.modules import QuantLinear
+from .training import CompressionScheduler, init_compression, redundancy_clean
 from .zeroquant import quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CompressionInputError",
+    "CompressionScheduler",
     "LowRankLinear",
     "QuantLinear",
+    "init_compression",
     "load_compressed",
     "load_model_dir",
     "low_rank",
@@ -29,6 +32,7 @@ __all__ = [
     "prune_magnitude",
     "prune_n_m",
     "quantize",
+    "redundancy_clean",
     "save_compressed",
     "sparsity",
 ]

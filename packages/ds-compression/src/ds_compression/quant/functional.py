@@ -74,3 +74,35 @@ def quantize_dequantize(w: torch.Tensor, bits: int, group_size: int, symmetric: 
 def fake_quantize_weight(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = True) -> torch.Tensor:
     """Quantized forward value with a straight-through gradient to the full-precision weight."""
     return w + (quantize_dequantize(w, bits, group_size, symmetric) - w).detach()
+
+
+def fake_quantize_flat_groups(
+    w: torch.Tensor, bits: int, num_groups: int = 1, symmetric: bool = True
+) -> torch.Tensor:
+    """QAT weight quantizer with DeepSpeed's grouping: the flattened tensor split into `num_groups`
+    equal groups, any width from 1 to 16 bits (1: binary, 2: ternary, as in XTC); straight-through."""
+    if w.numel() % num_groups:
+        raise ValueError(f"quantize_groups={num_groups} does not divide the weight's {w.numel()} elements")
+    with torch.no_grad():
+        g = w.detach().float().reshape(num_groups, -1)
+        if bits == 1:
+            q = binary_weight(g)
+        elif bits == 2:
+            q = ternary_weight(g)
+        elif symmetric:
+            qmax = (1 << (bits - 1)) - 1
+            scale = g.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / qmax
+            q = torch.round(g / scale).clamp(-qmax, qmax) * scale
+        else:
+            levels = (1 << bits) - 1
+            lo = g.amin(dim=1, keepdim=True)
+            scale = (g.amax(dim=1, keepdim=True) - lo).clamp_min(1e-12) / levels
+            q = torch.round((g - lo) / scale).clamp(0, levels) * scale + lo
+        q = q.reshape(w.shape).to(w.dtype)
+    return w + (q - w).detach()
+
+
+def quantize_activation_tensorwise(x: torch.Tensor, bits: int, symmetric: bool = True) -> torch.Tensor:
+    """Dynamic per-tensor activation fake quantization (DeepSpeed's `range_calibration: dynamic`)."""
+    flat = x.reshape(1, -1)
+    return fake_quantize_flat_groups(flat, bits, 1, symmetric).reshape(x.shape) if bits > 2 else x
