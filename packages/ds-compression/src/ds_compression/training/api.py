@@ -24,7 +24,7 @@ from .layers import CompressedLinear
 
 __all__ = ["init_compression", "redundancy_clean", "section_from"]
 
-ConfigSource = Union[CompressionTrainingConfig, Mapping[str, Any], str, os.PathLike]
+ConfigSource = Union[CompressionTrainingConfig, Mapping[str, Any], str, os.PathLike]  # noqa: UP007 (py3.9 alias)
 
 
 def section_from(config: ConfigSource) -> CompressionTrainingConfig:
