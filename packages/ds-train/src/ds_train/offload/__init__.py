@@ -1,0 +1,12 @@
+"""ZeRO-Offload / ZeRO-Infinity: model states in host memory or in files on an NVMe drive.
+
+- `swap_folder.SwapFolder`: one rank's folder of swap files over ds-kernels' aio, with clear errors.
+- `nvme_params.NvmeParamTier`: ZeRO-3 parameter shards in a file, read just before they are gathered.
+- `nvme_optimizer.NvmeOptimizerSwapper`: fp32 master weights and Adam moments in files, streamed
+  through a few aligned buffers chunk by chunk while the CPU Adam kernel updates the previous chunk.
+"""
+from ds_train.offload.nvme_optimizer import NvmeOptimizerSwapper
+from ds_train.offload.nvme_params import NvmeParamTier
+from ds_train.offload.swap_folder import NvmeSwapError, SwapFolder
+
+__all__ = ["SwapFolder", "NvmeSwapError", "NvmeParamTier", "NvmeOptimizerSwapper"]

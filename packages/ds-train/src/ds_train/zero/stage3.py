@@ -1,0 +1,422 @@
+"""ZeRO stage 3: parameters, gradients and optimizer state all partitioned over the data-parallel group.
+
+The pieces: `stage3_params` (partition records, coalesced gather/release, where shards live),
+`stage3_prefetch` (module hooks, recorded-order prefetch, saved-tensor hooks), `stage3_grads`
+(ordered bucketed reduce-scatter), `stage3_state` (checkpoint shards, reshardable). This class wires
+them to the engine's `ZeroStrategy` contract and runs the optimizer on the local fp32 shard: in
+device memory, in host memory (offload_optimizer=cpu, the ds-kernels CPU Adam), or streamed from
+NVMe files (offload_optimizer=nvme). Model-dtype shards live in device memory, host memory
+(offload_param=cpu) or an NVMe file (offload_param=nvme).
+
+Per-rank model states: 2Ψ/N (model-dtype shards) + grad shard + 4Ψ/N fp32 master + 8Ψ/N Adam
+moments = 16Ψ/N for bf16 with bf16 gradients; fp32 training shares the master and the shard (16Ψ/N).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from ds_core import comm
+from ds_core.logging import log_dist
+
+from ds_train.zero.partition import GroupLayout, build_layout
+from ds_train.zero.stage3_grads import GradReducer
+from ds_train.zero.stage3_params import MemoryTier, ParamGatherer, Stage3Param
+from ds_train.zero.stage3_prefetch import PrefetchCoordinator
+from ds_train.zero.stage3_state import Stage3StateMixin
+from ds_train.zero.strategy import StepResult, ZeroStrategy
+
+__all__ = ["ZeroStage3", "Stage3Options"]
+
+
+@dataclass
+class Stage3Options:
+    """The stage-3 knobs (DeepSpeed's names and defaults; see `zero/stage3_config.py`)."""
+
+    prefetch_bucket_size: int = 50_000_000
+    max_live_parameters: int = 1_000_000_000
+    max_reuse_distance: int = 1_000_000_000
+    param_persistence_threshold: int = 100_000
+    gather_16bit_weights_on_model_save: bool = False
+    sub_group_size: int = 1_000_000_000
+    offload_param: str = "none"  # none | cpu | nvme
+    offload_optimizer: str = "none"
+    param_nvme_path: Optional[str] = None
+    optimizer_nvme_path: Optional[str] = None
+    pin_memory: bool = False
+    param_buffer_size: int = 100_000_000
+    optimizer_buffer_count: int = 4
+    aio_block_size: int = 1 << 20
+    aio_queue_depth: int = 8
+    aio_threads: int = 1
+
+    @classmethod
+    def from_config(cls, zc: Any, aio: Any = None) -> Stage3Options:
+        """From a validated `ZeroConfig` (and the `aio` section) of the engine config."""
+        op, oo = zc.offload_param, zc.offload_optimizer
+        opts = cls(
+            prefetch_bucket_size=zc.stage3_prefetch_bucket_size,
+            max_live_parameters=zc.stage3_max_live_parameters,
+            max_reuse_distance=zc.stage3_max_reuse_distance,
+            param_persistence_threshold=zc.stage3_param_persistence_threshold,
+            gather_16bit_weights_on_model_save=zc.stage3_gather_16bit_weights_on_model_save,
+            sub_group_size=zc.sub_group_size,
+            offload_param=op.device if op is not None else "none",
+            offload_optimizer=oo.device if oo is not None else "none",
+            param_nvme_path=op.nvme_path if op is not None else None,
+            optimizer_nvme_path=oo.nvme_path if oo is not None else None,
+            pin_memory=bool((op is not None and op.pin_memory) or (oo is not None and oo.pin_memory)),
+            param_buffer_size=op.buffer_size if op is not None else 100_000_000,
+            optimizer_buffer_count=oo.buffer_count if oo is not None else 4,
+        )
+        if aio is not None:
+            opts.aio_block_size, opts.aio_queue_depth = aio.block_size, aio.queue_depth
+            opts.aio_threads = aio.intra_op_parallelism
+        return opts
+
+
+class ZeroStage3(Stage3StateMixin, ZeroStrategy):
+    """ZeRO-3 over `model`'s parameters in `param_groups` (see the module docstring)."""
+
+    stage = 3
+
+    def __init__(
+        self,
+        param_groups: list[dict[str, Any]],
+        param_names: dict[int, str],
+        make_optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
+        *,
+        model: torch.nn.Module,
+        dtype: torch.dtype,
+        grad_dtype: torch.dtype,
+        comm_dtype: Optional[torch.dtype],
+        device: torch.device,
+        group: Any = None,
+        bucket_size: int = 500_000_000,
+        overlap_comm: bool = True,
+        predivide_factor: float = 1.0,
+        prescale_gradients: bool = False,
+        ignore_unused_parameters: bool = True,
+        options: Optional[Stage3Options] = None,
+        zero_config: Any = None,
+        aio_config: Any = None,
+        **_stage012_only: Any,
+    ) -> None:
+        if options is None:
+            options = Stage3Options.from_config(zero_config, aio_config) if zero_config is not None \
+                else Stage3Options()
+        self.options = opts = options
+        self.model, self.group = model, group
+        self.world = comm.get_world_size(group) if comm.is_initialized() else 1
+        self.rank = comm.get_rank(group) if comm.is_initialized() else 0
+        self.parts = self.world
+        self.dtype, self.device = dtype, device
+        self.grad_dtype = grad_dtype
+        self.ignore_unused = ignore_unused_parameters
+        self.swap_folder = None
+        self.nvme_optimizer = None
+        if opts.offload_param == "nvme" and opts.offload_optimizer != "nvme":
+            raise ValueError("offload_param.device='nvme' needs offload_optimizer.device='nvme' too "
+                             "(as in DeepSpeed): the optimizer writes the updated shards to the same drive")
+
+        # -- partition records ------------------------------------------------------------------------
+        self.params: list[list[torch.nn.Parameter]] = [list(g["params"]) for g in param_groups]
+        self._layouts: list[GroupLayout] = []
+        self.records: list[Stage3Param] = []
+        initial: list[list[torch.Tensor]] = []  # per group: this rank's shard of each parameter
+        for gi, params in enumerate(self.params):
+            names = [param_names[id(p)] for p in params]
+            shapes = [tuple(getattr(p, "ds3").shape) if hasattr(p, "ds3") else tuple(p.shape) for p in params]
+            layout = build_layout(names, shapes, self.parts, bucket_size=1)  # one bucket per parameter
+            self._layouts.append(layout)
+            shards = []
+            for si, p in enumerate(params):
+                slot, bucket = layout.slots[si], layout.buckets[si]
+                shards.append(self._initial_shard(p, slot.numel, layout.piece_size(bucket)))
+                rec = Stage3Param(p, slot.name, slot.shape, slot.numel, layout.piece_size(bucket), group=gi,
+                                  shard_offset=bucket.shard_offset,
+                                  persistent=slot.numel <= opts.param_persistence_threshold)
+                p.ds3 = rec
+                p.ds_owner = self
+                self.records.append(rec)
+            initial.append(shards)
+        self._gather_foreign_partitioned(model)
+
+        # -- where the model-dtype shards live ---------------------------------------------------------
+        sizes = [layout.shard_numel for layout in self._layouts]
+        if "nvme" in (opts.offload_param, opts.offload_optimizer):
+            from ds_train.offload import SwapFolder
+
+            path = opts.optimizer_nvme_path or opts.param_nvme_path
+            self.swap_folder = SwapFolder(path, comm.get_rank() if comm.is_initialized() else 0,
+                                          block_size=opts.aio_block_size, queue_depth=opts.aio_queue_depth,
+                                          threads=opts.aio_threads)
+        if opts.offload_param == "nvme":
+            from ds_train.offload import NvmeParamTier
+
+            largest = max((r.shard_numel for r in self.records), default=1)
+            self.tier = NvmeParamTier(self.swap_folder, sizes, dtype, opts.param_buffer_size, largest)
+        else:
+            on_host = opts.offload_param == "cpu"
+            self.tier = MemoryTier(sizes, dtype, torch.device("cpu") if on_host else device,
+                                   pin=on_host and opts.pin_memory)
+        for gi, shards in enumerate(initial):
+            self._write_shards(gi, shards)
+
+        # -- fp32 master shard and optimizer -----------------------------------------------------------
+        self.master: list[Optional[torch.Tensor]] = []
+        host_master = opts.offload_optimizer in ("cpu", "nvme")
+        for gi, shards in enumerate(initial):
+            flat = self.tier.flat(gi)
+            if flat is not None and dtype == torch.float32 and not host_master:
+                self.master.append(flat)  # fp32 without offload: the shard is the master copy
+                continue
+            master = torch.cat([s.float().reshape(-1) for s in shards]) if shards else torch.zeros(0)
+            master = master.to("cpu" if host_master else device)
+            if opts.offload_optimizer == "cpu" and opts.pin_memory:
+                from ds_core.accelerator import get_accelerator
+
+                master = get_accelerator().pin_memory(master)
+            self.master.append(master)
+        del initial
+        if opts.offload_optimizer == "nvme":
+            from ds_train.offload import NvmeOptimizerSwapper
+
+            chunk = min(opts.sub_group_size, max(sizes, default=1))
+            self.nvme_optimizer = NvmeOptimizerSwapper(self.swap_folder, sizes, chunk, opts.optimizer_buffer_count)
+            for gi in range(len(sizes)):
+                self.nvme_optimizer.init_group(gi, self.master[gi])
+            placeholders = [torch.zeros(0) for _ in sizes]  # hyperparameters only: the state is on disk
+            self.master = [None for _ in sizes]
+            opt_params = placeholders
+        else:
+            opt_params = self.master
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [opt_params[gi]]}
+                  for gi, g in enumerate(param_groups)]
+        self.optimizer = make_optimizer(groups)
+        self._opt_params = [[t] for t in opt_params]
+        if self.nvme_optimizer is not None:
+            from ds_train.offload.nvme_optimizer import adam_hyper
+
+            adam_hyper(self.optimizer, 0)  # refuses a non-Adam optimizer now, not at the first step
+
+        # -- gradients, hooks ---------------------------------------------------------------------------
+        grad_device = torch.device("cpu") if host_master else device
+        self.grad_shards = [torch.zeros(n, dtype=grad_dtype, device=grad_device) for n in sizes]
+        self.gatherer = ParamGatherer(self.tier, dtype, device, group)
+        self.coordinator = PrefetchCoordinator(
+            model, self.gatherer, prefetch_bucket_size=opts.prefetch_bucket_size,
+            max_live_parameters=opts.max_live_parameters, max_reuse_distance=opts.max_reuse_distance)
+        self.reducer = GradReducer(self.records, self.grad_shards, bucket_size=bucket_size,
+                                   comm_dtype=comm_dtype or grad_dtype, group=group, overlap=overlap_comm,
+                                   predivide=predivide_factor, prescale=prescale_gradients)
+        self._hooks = list(self.coordinator._hooks)
+        self._hooks += [p.register_post_accumulate_grad_hook(self._on_grad) for ps in self.params for p in ps]
+        self._refresh_persistent()
+        log_dist(f"ZeRO-3: {len(self.records)} parameters partitioned over {self.parts} ranks "
+                 f"({sum(1 for r in self.records if r.persistent)} persistent), offload param "
+                 f"{opts.offload_param}, optimizer {opts.offload_optimizer}", ranks=[0])
+
+    # -- setup helpers ---------------------------------------------------------------------------------
+    def _initial_shard(self, p: torch.nn.Parameter, numel: int, shard_numel: int) -> torch.Tensor:
+        """This rank's piece of `p`: from zero.Init's record, or cut from rank 0's whole tensor."""
+        pre = getattr(p, "ds3", None)
+        if pre is not None:  # built under zero.Init: already partitioned
+            if pre.shard_numel != shard_numel or pre.init_shard is None:
+                raise ValueError(f"parameter '{pre.name}' was partitioned by zero.Init for another world size")
+            shard = pre.init_shard.to(self.dtype)
+            pre.init_shard = None
+            return shard
+        full = p.detach().to(device=self.device, dtype=self.dtype).reshape(-1)
+        if self.world > 1:  # rank 0's initial weights everywhere, as stages 0-2 do
+            full = full.clone()
+            comm.broadcast(full, comm.get_global_rank(self.group, 0) if self.group is not None else 0,
+                           group=self.group)
+        lo = self.rank * shard_numel
+        shard = torch.zeros(shard_numel, dtype=self.dtype, device=self.device)
+        piece = full[lo : min(lo + shard_numel, numel)]
+        shard[: piece.numel()].copy_(piece)
+        p.data = torch.empty(0, dtype=self.dtype, device=self.device)
+        return shard
+
+    def _gather_foreign_partitioned(self, model: torch.nn.Module) -> None:
+        """Frozen parameters partitioned by zero.Init are made whole (only trainable ones stay sharded)."""
+        mine = {id(p) for ps in self.params for p in ps}
+        for name, p in model.named_parameters():
+            rec = getattr(p, "ds3", None)
+            if rec is not None and id(p) not in mine:
+                from ds_train.zero.init import gather_init_param
+
+                gather_init_param(p, self.group)
+
+    def _write_shards(self, gi: int, shards: list[torch.Tensor]) -> None:
+        layout = self._layouts[gi]
+        for si, shard in enumerate(shards):
+            self.tier.write_group(gi, layout.buckets[si].shard_offset, shard)
+
+    def _refresh_persistent(self) -> None:
+        persistent = [r for r in self.records if r.persistent]
+        for r in persistent:
+            self.gatherer.release(r, force=True)
+        if persistent:
+            self.gatherer.gather(persistent)
+
+    # -- the training step ------------------------------------------------------------------------------
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        return self.coordinator.forward_pass()
+
+    def before_backward(self, sync: bool) -> None:
+        # stage 3 reduces every micro step (whole gradients are never kept), so `sync` changes nothing
+        self.coordinator.start_backward()
+
+    def _on_grad(self, p: torch.nn.Parameter) -> None:
+        rec = p.ds3
+        self.reducer.add(rec, p.grad)
+        p.grad = None
+        if rec.users <= 0:
+            self.gatherer.release(rec)
+
+    def after_backward(self) -> None:
+        missing = self.reducer.finish()
+        self.coordinator.end_backward()
+        if missing and not self.ignore_unused:
+            raise RuntimeError(
+                f"parameters without gradients in this backward: {[r.name for r in missing][:8]}; set "
+                "zero_optimization.ignore_unused_parameters=true to treat them as zero")
+        for r in self.records:
+            if r.users <= 0:
+                self.gatherer.release(r)
+
+    def _all_ranks(self, value: torch.Tensor, op: Any) -> torch.Tensor:
+        if self.parts > 1:
+            comm.all_reduce(value, op=op, group=self.group)
+        return value
+
+    def step(self, loss_scale: float, clip_norm: float, check_overflow: bool) -> StepResult:
+        grads = [g.float() if g.dtype != torch.float32 else g for g in self.grad_shards]
+        if check_overflow:
+            bad = torch.zeros(1, dtype=torch.float32, device=self.device)
+            for g in grads:
+                if not torch.isfinite(g).all():
+                    bad.fill_(1.0)
+            if self._all_ranks(bad, comm.ReduceOp.MAX).item() > 0:
+                self.reducer.clear()
+                return StepResult(overflow=True, grad_norm=None)
+        sumsq = torch.zeros(1, dtype=torch.float32, device=self.device)
+        for g in grads:
+            sumsq += torch.linalg.vector_norm(g).square().to(self.device)
+        norm = float(self._all_ranks(sumsq, comm.ReduceOp.SUM).sqrt().item()) / loss_scale
+        combined = loss_scale
+        if clip_norm > 0:
+            clip = (norm + 1e-6) / clip_norm
+            if clip > 1:
+                combined = clip * loss_scale
+        for gi, g in enumerate(grads):
+            if g is self.grad_shards[gi]:
+                g = g.clone() if combined != 1.0 else g
+            if combined != 1.0:
+                g.mul_(1.0 / combined)
+            self._update_group(gi, g)
+        self._refresh_persistent()
+        self.reducer.clear()
+        return StepResult(overflow=False, grad_norm=norm)
+
+    def _update_group(self, gi: int, grad: torch.Tensor) -> None:
+        if self.nvme_optimizer is not None:
+            from ds_train.offload.nvme_optimizer import adam_hyper
+
+            hyper, adamw = adam_hyper(self.optimizer, gi)
+            self.nvme_optimizer.step(gi, grad.to("cpu"), hyper, adamw,
+                                     lambda offset, chunk: self.tier.write_group(gi, offset, chunk))
+            return
+        master = self.master[gi]
+        master.grad = grad.to(master.device)
+        self.optimizer.step()  # the other groups' masters have no grad: torch and ds-kernels skip them
+        master.grad = None
+        if self.tier.flat(gi) is not master:
+            self.tier.write_group(gi, 0, master)
+
+    def zero_grad(self) -> None:
+        self.reducer.clear()
+        for ps in self.params:
+            for p in ps:
+                p.grad = None
+
+    # -- parameters ---------------------------------------------------------------------------------------
+    def master_shard(self, gi: int) -> torch.Tensor:
+        """This rank's fp32 master shard of group `gi` (read from NVMe when it lives there)."""
+        if self.nvme_optimizer is not None:
+            return self.nvme_optimizer.read_full(gi, "fp32")
+        return self.master[gi].detach().float()
+
+    def full_fp32_params(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for gi, layout in enumerate(self._layouts):
+            shard = self.master_shard(gi).to(self.device)
+            full = self._allgather_shard(shard)
+            for rec in (r for r in self.records if r.group == gi):
+                rows = full.view(self.parts, -1)[:, rec.shard_offset : rec.shard_offset + rec.shard_numel]
+                out[rec.name] = rows.reshape(-1)[: rec.numel].view(rec.shape).cpu().clone()
+        return out
+
+    def _allgather_shard(self, shard: torch.Tensor) -> torch.Tensor:
+        if self.parts == 1:
+            return shard.clone()
+        full = torch.empty(shard.numel() * self.parts, dtype=shard.dtype, device=shard.device)
+        comm.all_gather_into_tensor(full, shard.contiguous(), group=self.group)
+        return full
+
+    @contextlib.contextmanager
+    def gathered_params(self) -> Iterator[None]:
+        """Every partitioned parameter whole on every rank; changes made inside are kept (all ranks alike)."""
+        from ds_train.zero.init import GatheredParameters
+
+        with GatheredParameters([r.param for r in self.records], modifier_rank=None, write_back=True):
+            yield
+
+    def write_whole_param(self, rec: Stage3Param) -> None:
+        """`rec.full` (whole, gathered) was changed: store this rank's piece as shard and fp32 master."""
+        flat = rec.full.reshape(-1)
+        piece = torch.zeros(rec.shard_numel, dtype=self.dtype, device=self.device)
+        lo = self.rank * rec.shard_numel
+        values = flat[lo : min(lo + rec.shard_numel, rec.numel)]
+        piece[: values.numel()].copy_(values)
+        master = self.master[rec.group]
+        if self.nvme_optimizer is not None:
+            self.nvme_optimizer.write_range(rec.group, "fp32", rec.shard_offset, piece.float())
+        elif master is not self.tier.flat(rec.group):
+            master[rec.shard_offset : rec.shard_offset + rec.shard_numel].copy_(piece)
+        self.tier.write_group(rec.group, rec.shard_offset, piece)
+
+    def sync_master_from_params(self) -> None:
+        """Master weights := the current model-dtype shards (after the module weights were loaded)."""
+        for gi in range(len(self._layouts)):
+            lowp = self._lowp_shard(gi).float()
+            if self.nvme_optimizer is not None:
+                self.nvme_optimizer.write_full(gi, "fp32", lowp)
+            elif self.master[gi] is not self.tier.flat(gi):
+                self.master[gi].copy_(lowp)
+
+    def _lowp_shard(self, gi: int) -> torch.Tensor:
+        flat = self.tier.flat(gi)
+        if flat is not None:
+            return flat
+        return self.tier.read_group(gi)
+
+    def describe(self) -> str:
+        extra = []
+        if self.options.offload_param != "none":
+            extra.append(f"params on {self.options.offload_param}")
+        if self.options.offload_optimizer != "none":
+            extra.append(f"optimizer on {self.options.offload_optimizer}")
+        return "ZeRO stage 3" + (f" ({', '.join(extra)})" if extra else "")
+
+    def destroy(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self.swap_folder is not None:
+            self.swap_folder.close()

@@ -1,0 +1,148 @@
+"""ZeRO-3 gradients: reduce-scattered as backward produces them, accumulated only as this rank's shard.
+
+Parameters are grouped into buckets of about `reduce_bucket_size` elements in a fixed order (reverse
+registration order, roughly the order backward produces them). A parameter's whole gradient is
+copied into its bucket's staging buffer as a (N, shard) block, so one `reduce_scatter_tensor` per
+bucket hands each rank exactly its pieces. Buckets launch strictly in order: every rank issues the
+same collectives in the same sequence even when hooks fire in another order or a parameter gets no
+gradient on some rank (it counts as zero when `after_backward` forces the rest out).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from ds_core import comm
+
+from ds_train.zero.stage3_params import Stage3Param
+
+__all__ = ["GradReducer"]
+
+
+class _Bucket:
+    def __init__(self, recs: list[Stage3Param]) -> None:
+        self.recs = recs
+        self.offsets: dict[int, int] = {}
+        total = 0
+        for r in recs:
+            self.offsets[id(r)] = total
+            total += r.shard_numel
+        self.shard_total = total
+        self.staging: Optional[torch.Tensor] = None
+        self.remaining = len(recs)
+
+
+class GradReducer:
+    """Fills `grad_shards[group]` (flat, this rank's layout) with the averaged gradients."""
+
+    def __init__(self, recs: list[Stage3Param], grad_shards: list[torch.Tensor], *, bucket_size: int,
+                 comm_dtype: torch.dtype, group: Any, overlap: bool,
+                 predivide: float = 1.0, prescale: bool = False,
+                 on_reduced: Optional[Callable[[Stage3Param], None]] = None) -> None:
+        self.group = group
+        self.parts = comm.get_world_size(group) if comm.is_initialized() else 1
+        self.grad_shards = grad_shards
+        self.comm_dtype = comm_dtype
+        self.overlap = overlap
+        self.predivide, self.prescale = predivide, prescale
+        self.buckets: list[_Bucket] = []
+        current: list[Stage3Param] = []
+        size = 0
+        for r in reversed(recs):
+            current.append(r)
+            size += r.shard_numel * self.parts
+            if size >= bucket_size:
+                self.buckets.append(_Bucket(current))
+                current, size = [], 0
+        if current:
+            self.buckets.append(_Bucket(current))
+        self.bucket_of = {id(r): b for b in self.buckets for r in b.recs}
+        self.first_micro = True
+        self.on_reduced = on_reduced
+        self.reset()
+
+    def reset(self) -> None:
+        self.next = 0
+        self.pending: list[tuple[Any, Callable[[], None]]] = []
+        self.seen: set[int] = set()
+        for b in self.buckets:
+            b.staging, b.remaining = None, len(b.recs)
+
+    def add(self, rec: Stage3Param, grad: torch.Tensor) -> None:
+        """A whole gradient arrived for `rec`: stage it and launch every bucket that is complete, in order."""
+        bucket = self.bucket_of[id(rec)]
+        if bucket.staging is None:
+            bucket.staging = torch.zeros(self.parts, bucket.shard_total, dtype=self.comm_dtype, device=grad.device)
+        n, o = rec.shard_numel, bucket.offsets[id(rec)]
+        flat = grad.reshape(-1)
+        block = bucket.staging[:, o : o + n]
+        if flat.numel() == n * self.parts:
+            block.copy_(flat.view(self.parts, n))
+        else:  # the last rank's piece is padding: copy the full rows, then the tail
+            full_rows, tail = divmod(flat.numel(), n)
+            if full_rows:
+                block[:full_rows].copy_(flat[: full_rows * n].view(full_rows, n))
+            if tail:
+                block[full_rows, :tail].copy_(flat[full_rows * n :])
+        if id(rec) not in self.seen:
+            self.seen.add(id(rec))
+            bucket.remaining -= 1
+        self._launch_ready(force=False)
+
+    def _launch_ready(self, force: bool) -> None:
+        while self.next < len(self.buckets):
+            b = self.buckets[self.next]
+            if b.remaining > 0 and not force:
+                return
+            self._launch(b)
+            self.next += 1
+
+    def _launch(self, b: _Bucket) -> None:
+        if b.staging is None:
+            b.staging = torch.zeros(self.parts, b.shard_total, dtype=self.comm_dtype,
+                                    device=self.grad_shards[0].device)
+        if self.prescale:
+            pre, post = 1.0 / self.predivide, self.predivide / self.parts
+        else:
+            pre, post = 1.0, 1.0 / self.parts
+        if pre != 1.0:
+            b.staging.mul_(pre)
+        if self.parts == 1:
+            out, work = b.staging.view(-1), None
+        else:
+            out = torch.empty(b.shard_total, dtype=self.comm_dtype, device=b.staging.device)
+            work = comm.reduce_scatter_tensor(out, b.staging.view(-1), group=self.group, async_op=self.overlap)
+        b.staging = None
+        first = self.first_micro
+
+        def finish() -> None:
+            if post != 1.0:
+                out.mul_(post)
+            for r in b.recs:
+                o = b.offsets[id(r)]
+                target = self.grad_shards[r.group][r.shard_offset : r.shard_offset + r.shard_numel]
+                if first:
+                    target.copy_(out[o : o + r.shard_numel])
+                else:
+                    target.add_(out[o : o + r.shard_numel])
+
+        if self.overlap and work is not None:
+            self.pending.append((work, finish))
+        else:
+            finish()
+
+    def finish(self) -> list[Stage3Param]:
+        """Force out the remaining buckets, wait for all; return the params that got no gradient."""
+        missing = [r for b in self.buckets for r in b.recs if id(r) not in self.seen]
+        self._launch_ready(force=True)
+        for work, done in self.pending:
+            work.wait()
+            done()
+        self.reset()
+        self.first_micro = False
+        return missing
+
+    def clear(self) -> None:
+        for g in self.grad_shards:
+            g.zero_()
+        self.first_micro = True

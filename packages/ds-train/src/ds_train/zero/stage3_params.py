@@ -1,0 +1,199 @@
+"""ZeRO-3 parameter partitioning: each rank keeps 1/N of every parameter; whole ones exist only while used.
+
+Every partitioned parameter gets a `Stage3Param` record (``param.ds3``). Its *shard* is this rank's
+piece of the parameter padded to a multiple of N (the layout of `zero/partition.py` with one bucket
+per parameter, so checkpoints and fp32 consolidation share the stage-1/2 code paths). Between uses
+``param.data`` is an empty tensor; `ParamGatherer.gather` all-gathers a list of parameters in one
+coalesced collective (async when asked) into a private full buffer per parameter, and `release`
+drops that buffer. Where a shard lives (device memory, host memory, an NVMe file) is a `ShardTier`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol
+
+import torch
+from ds_core import comm
+
+__all__ = ["Stage3Param", "ShardTier", "MemoryTier", "ParamGatherer", "PendingGather", "is_partitioned"]
+
+RELEASED, INFLIGHT, GATHERED = "released", "inflight", "gathered"
+
+
+@dataclass(eq=False)
+class Stage3Param:
+    """Partition record of one parameter (``param.ds3``)."""
+
+    param: torch.nn.Parameter
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    shard_numel: int  # this rank's piece, after padding the parameter to a multiple of N
+    group: int = 0  # optimizer param group
+    shard_offset: int = 0  # where the piece starts in the group's flat shard
+    persistent: bool = False  # small parameters stay whole on every rank
+    status: str = RELEASED
+    full: Optional[torch.Tensor] = field(default=None, repr=False)  # padded whole tensor while gathered
+    pending: Any = field(default=None, repr=False)  # the PendingGather while in flight
+    users: int = 0  # modules that are running with this parameter gathered
+    init_shard: Optional[torch.Tensor] = field(default=None, repr=False)  # zero.Init's piece until adopted
+
+    @property
+    def available(self) -> bool:
+        return self.status == GATHERED
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds3")
+
+
+class ShardTier(Protocol):
+    """Where the model-dtype shards live (offload_param: none / cpu / nvme)."""
+
+    def read(self, rec: Stage3Param) -> torch.Tensor:
+        """This rank's shard of `rec` in model dtype on the compute device (may be a temporary)."""
+
+    def write_group(self, group: int, offset: int, values: torch.Tensor) -> None:
+        """Store `values` (model dtype) at `offset` of group `group`'s flat shard."""
+
+    def flat(self, group: int) -> Optional[torch.Tensor]:
+        """The whole flat shard in memory, or None when it lives on disk."""
+
+
+class MemoryTier:
+    """Shards in one flat tensor per param group, on the device or (offload_param=cpu) in host memory."""
+
+    def __init__(self, sizes: list[int], dtype: torch.dtype, device: torch.device, pin: bool = False) -> None:
+        self.device = device
+        self.flats: list[torch.Tensor] = []
+        for n in sizes:
+            t = torch.zeros(n, dtype=dtype, device=device)
+            if pin:
+                from ds_core.accelerator import get_accelerator
+
+                t = get_accelerator().pin_memory(t)
+            self.flats.append(t)
+
+    def read(self, rec: Stage3Param) -> torch.Tensor:
+        return self.flats[rec.group][rec.shard_offset : rec.shard_offset + rec.shard_numel]
+
+    def write_group(self, group: int, offset: int, values: torch.Tensor) -> None:
+        self.flats[group][offset : offset + values.numel()].copy_(values)
+
+    def flat(self, group: int) -> Optional[torch.Tensor]:
+        return self.flats[group]
+
+
+class PendingGather:
+    """An all-gather in flight for a list of parameters; `wait()` installs their whole tensors."""
+
+    def __init__(self, recs: list[Stage3Param], out: torch.Tensor, work: Any, parts: int) -> None:
+        self.recs, self.out, self.work, self.parts = recs, out, work, parts
+        self.done = False
+
+    def wait(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.work is not None:
+            self.work.wait()
+        total = self.out.numel() // self.parts
+        rows = self.out.view(self.parts, total)
+        offset = 0
+        for rec in self.recs:
+            n = rec.shard_numel
+            if len(self.recs) == 1:
+                full = self.out  # one parameter: the gather output already is its padded whole tensor
+            else:
+                full = torch.empty(self.parts * n, dtype=self.out.dtype, device=self.out.device)
+                full.view(self.parts, n).copy_(rows[:, offset : offset + n])
+            offset += n
+            _install(rec, full)
+        self.out = None
+
+
+def _install(rec: Stage3Param, full: torch.Tensor) -> None:
+    rec.full = full
+    rec.param.data = full[: rec.numel].view(rec.shape)
+    rec.status = GATHERED
+    rec.pending = None
+
+
+class ParamGatherer:
+    """Gathers and releases partitioned parameters on one data-parallel group."""
+
+    def __init__(self, tier: ShardTier, dtype: torch.dtype, device: torch.device, group: Any = None) -> None:
+        self.tier, self.dtype, self.device, self.group = tier, dtype, device, group
+        self.parts = comm.get_world_size(group) if comm.is_initialized() else 1
+        self.rank = comm.get_rank(group) if comm.is_initialized() else 0
+        self.live_numel = 0  # elements of non-persistent parameters currently whole (or in flight)
+        self.by_storage: dict[int, Stage3Param] = {}  # data_ptr of a whole buffer -> record
+
+    def gather(self, recs: list[Stage3Param], async_op: bool = False) -> Optional[PendingGather]:
+        """Start (or finish, when not async) gathering `recs`; already whole/in-flight ones are skipped."""
+        todo = [r for r in recs if r.status == RELEASED]
+        if not todo:
+            if not async_op:
+                for r in recs:
+                    if r.status == INFLIGHT:
+                        r.pending.wait()
+                        self._register(r)
+            return None
+        total = sum(r.shard_numel for r in todo)
+        inp = torch.empty(total, dtype=self.dtype, device=self.device)
+        offset = 0
+        for r in todo:
+            inp[offset : offset + r.shard_numel].copy_(self.tier.read(r))
+            offset += r.shard_numel
+        if self.parts == 1:
+            pending = PendingGather(todo, inp, None, 1)
+        else:
+            out = torch.empty(total * self.parts, dtype=self.dtype, device=self.device)
+            work = comm.all_gather_into_tensor(out, inp, group=self.group, async_op=async_op)
+            pending = PendingGather(todo, out, work if async_op else None, self.parts)
+        for r in todo:
+            r.status, r.pending = INFLIGHT, pending
+            if not r.persistent:
+                self.live_numel += r.shard_numel * self.parts
+        if not async_op:
+            self.wait(recs)
+        return pending
+
+    def wait(self, recs: list[Stage3Param]) -> None:
+        for r in recs:
+            if r.status == INFLIGHT:
+                r.pending.wait()
+                self._register(r)
+        for r in recs:
+            if r.status == GATHERED and r.full is not None:
+                self._register(r)
+
+    def _register(self, rec: Stage3Param) -> None:
+        if rec.full is not None:
+            self.by_storage[rec.full.untyped_storage().data_ptr()] = rec
+
+    def release(self, rec: Stage3Param, force: bool = False) -> None:
+        """Drop the whole tensor of `rec` (persistent ones stay unless `force`)."""
+        if rec.persistent and not force:
+            return
+        if rec.status == INFLIGHT:
+            rec.pending.wait()
+        if rec.status == RELEASED:
+            return
+        if rec.full is not None:
+            self.by_storage.pop(rec.full.untyped_storage().data_ptr(), None)
+        if not rec.persistent:
+            self.live_numel -= rec.shard_numel * self.parts
+        rec.full = None
+        rec.param.data = torch.empty(0, dtype=self.dtype, device=self.device)
+        rec.status = RELEASED
+
+    def lookup(self, tensor: torch.Tensor) -> Optional[Stage3Param]:
+        """The partitioned parameter whose whole buffer `tensor` shares storage with, if any."""
+        if not self.by_storage:
+            return None
+        try:
+            ptr = tensor.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return None
+        return self.by_storage.get(ptr)

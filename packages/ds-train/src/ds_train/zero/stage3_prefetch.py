@@ -1,0 +1,235 @@
+"""When ZeRO-3 parameters are gathered: module hooks, a recorded-order prefetcher, saved-tensor hooks.
+
+- Forward: a module's pre-hook gathers its own parameters (one coalesced all-gather), its post-hook
+  releases them. Backward: a hook on the module's outputs gathers them again before autograd enters
+  the module; each parameter is released once its gradient has been accumulated.
+- Prefetch: the order modules ran in is recorded (forward and backward separately). While the next
+  step follows the same order, each hook also starts async gathers for the modules after it, up to
+  `prefetch_bucket_size` elements ahead and `max_live_parameters` whole elements in all. A change of
+  order stops prefetching for the rest of that pass and records the new order. Every decision depends
+  only on the order of hooks, which every rank sees identically, so the collectives match across ranks.
+- Autograd saves parameters (or views of them) for backward. A saved-tensor pack hook replaces such a
+  tensor by (parameter, view geometry), so the graph never keeps a whole parameter alive, and the
+  unpack hook regathers it if needed: whatever order or reuse a model has, backward sees whole values.
+- Modules marked as leaves (`set_z3_leaf_modules`, e.g. an MoE block whose experts run depending on
+  the data) gather all their parameters at once, so no rank waits for a collective another skips.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Optional
+
+import torch
+
+from ds_train.zero.stage3_params import ParamGatherer, Stage3Param
+
+__all__ = ["PrefetchCoordinator", "set_z3_leaf_modules"]
+
+_LEAF_FLAG = "_ds3_leaf"
+
+
+def set_z3_leaf_modules(model: torch.nn.Module, leaf_classes: list[type]) -> list[torch.nn.Module]:
+    """Mark every module of a class in `leaf_classes`: ZeRO-3 gathers its whole subtree at once."""
+    marked = []
+    for m in model.modules():
+        if isinstance(m, tuple(leaf_classes)):
+            setattr(m, _LEAF_FLAG, True)
+            marked.append(m)
+    if not marked:
+        raise ValueError(f"no module of {[c.__name__ for c in leaf_classes]} in the model")
+    return marked
+
+
+class _Trace:
+    """The order of module events in one pass, and a replay cursor over the previous pass's order."""
+
+    def __init__(self) -> None:
+        self.previous: list[int] = []
+        self.current: list[int] = []
+        self.valid = False
+        self.cursor = 0
+
+    def start(self) -> None:
+        if self.current:
+            self.previous = self.current
+        self.current = []
+        self.valid = bool(self.previous)
+        self.cursor = 0
+
+    def record(self, key: int) -> Optional[int]:
+        """Record `key`; return the replay position after it, or None when the order diverged."""
+        self.current.append(key)
+        if not self.valid:
+            return None
+        if self.cursor < len(self.previous) and self.previous[self.cursor] == key:
+            self.cursor += 1
+            return self.cursor
+        self.valid = False
+        return None
+
+
+class PrefetchCoordinator:
+    """Installs the hooks on `model` and drives `gatherer` for the partitioned parameters."""
+
+    def __init__(self, model: torch.nn.Module, gatherer: ParamGatherer, *, prefetch_bucket_size: int,
+                 max_live_parameters: int, max_reuse_distance: int) -> None:
+        self.gatherer = gatherer
+        self.prefetch_bucket_size = prefetch_bucket_size
+        self.max_live = max_live_parameters
+        self.max_reuse = max_reuse_distance
+        self.modules: list[torch.nn.Module] = []
+        self.module_params: dict[int, list[Stage3Param]] = {}
+        self._hooks: list[Any] = []
+        self._leaf_children: set[int] = set()
+        for m in model.modules():
+            if id(m) in self._leaf_children:
+                continue
+            leaf = getattr(m, _LEAF_FLAG, False)
+            params = m.parameters(recurse=leaf)
+            recs = [p.ds3 for p in params if hasattr(p, "ds3")]
+            if leaf:
+                self._leaf_children.update(id(c) for c in m.modules() if c is not m)
+            idx = len(self.modules)
+            self.modules.append(m)
+            self.module_params[idx] = _dedupe(recs)
+            self._hooks.append(m.register_forward_pre_hook(self._make_pre(idx)))
+            self._hooks.append(m.register_forward_hook(self._make_post(idx)))
+        self.fwd = _Trace()
+        self.bwd = _Trace()
+        self.in_backward = False
+        self._bwd_seen: set[int] = set()
+        self.active = False
+
+    # -- pass boundaries ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def forward_pass(self) -> Iterator[None]:
+        """Wraps one forward: the saved-tensor hooks are active, the forward trace restarts."""
+        self.fwd.start()
+        self.active = True
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield
+        finally:
+            self.active = False
+
+    def start_backward(self) -> None:
+        self.bwd.start()
+        self._bwd_seen = set()
+        self.in_backward = True
+
+    def end_backward(self) -> None:
+        self.in_backward = False
+
+    # -- hooks --------------------------------------------------------------------------------------
+    def _make_pre(self, idx: int):
+        def pre(module: torch.nn.Module, args: Any) -> None:
+            # gather even outside the engine's forward (a direct model call); record order only inside
+            recs = self.module_params[idx]
+            position = self.fwd.record(idx) if self.active else None
+            self.gatherer.gather(recs)
+            for r in recs:
+                r.users += 1
+            if position is not None:
+                self._prefetch(self.fwd.previous, position)
+        return pre
+
+    def _make_post(self, idx: int):
+        def post(module: torch.nn.Module, args: Any, output: Any) -> Any:
+            recs = self.module_params[idx]
+            for r in recs:
+                r.users -= 1
+            if not (self.active and self._reused_soon(idx)):
+                for r in recs:
+                    if r.users <= 0:
+                        self.gatherer.release(r)
+            if torch.is_grad_enabled() and recs:
+                _register_output_hooks(output, lambda: self._pre_backward(idx))
+            return output
+        return post
+
+    def _reused_soon(self, idx: int) -> bool:
+        """True when the recorded order runs `idx` again within max_reuse_distance elements."""
+        if self.max_reuse <= 0 or not self.fwd.valid:
+            return False
+        seen = 0
+        for key in self.fwd.previous[self.fwd.cursor :]:
+            if key == idx:
+                return True
+            seen += sum(r.numel for r in self.module_params[key])
+            if seen > self.max_reuse:
+                return False
+        return False
+
+    def _pre_backward(self, idx: int) -> None:
+        if idx in self._bwd_seen:
+            return  # a module with several outputs: gather once per backward
+        self._bwd_seen.add(idx)
+        position = self.bwd.record(idx)
+        self.gatherer.gather(self.module_params[idx])
+        if position is not None:
+            self._prefetch(self.bwd.previous, position)
+
+    def _prefetch(self, order: list[int], position: int) -> None:
+        budget = self.prefetch_bucket_size
+        batch: list[Stage3Param] = []
+        for key in order[position:]:
+            for r in self.module_params[key]:
+                if r.status != "released" or r in batch:
+                    continue
+                if self.gatherer.live_numel + r.numel > self.max_live or budget <= 0:
+                    break
+                batch.append(r)
+                budget -= r.numel
+            if budget <= 0:
+                break
+        if batch:
+            self.gatherer.gather(batch, async_op=True)
+
+    # -- saved tensors ------------------------------------------------------------------------------
+    def _pack(self, tensor: torch.Tensor) -> Any:
+        rec = self.gatherer.lookup(tensor)
+        if rec is None:
+            return tensor
+        return (_SavedParam, rec, tensor.size(), tensor.stride(), tensor.storage_offset())
+
+    def _unpack(self, packed: Any) -> torch.Tensor:
+        if isinstance(packed, tuple) and packed and packed[0] is _SavedParam:
+            _, rec, size, stride, offset = packed
+            if not rec.available:
+                self.gatherer.gather([rec])
+            return rec.full.as_strided(size, stride, offset)
+        return packed
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+class _SavedParam:
+    """Marker for a saved tensor that is (a view of) a partitioned parameter."""
+
+
+def _dedupe(recs: list[Stage3Param]) -> list[Stage3Param]:
+    seen: set[int] = set()
+    out = []
+    for r in recs:
+        if id(r) not in seen:
+            seen.add(id(r))
+            out.append(r)
+    return out
+
+
+def _register_output_hooks(output: Any, callback) -> None:
+    """Call `callback` when the gradient of any tensor in `output` is about to flow into the module."""
+    stack = [output]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            if obj.requires_grad and obj.grad_fn is not None:
+                obj.register_hook(lambda grad: (callback(), None)[1])
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())

@@ -1,0 +1,146 @@
+"""ZeRO-3 checkpoint shards: the same reshardable format as stages 1-2 (see `zero/partition.py`).
+
+A stage-3 layout is `build_layout(..., bucket_size=1)`: one bucket per parameter, so rank r's shard is
+its padded piece of every parameter in order. Saved tensors are "g{i}.fp32" (master weights) and one
+per optimizer state key; loading regathers whole tensors through the `ShardReader` and cuts this
+rank's pieces, so a checkpoint moves between world sizes and between stages 0-3.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from ds_core.logging import warn_once
+
+from ds_train.zero.partition import GroupLayout
+from ds_train.zero.strategy import ShardReader
+
+__all__ = ["Stage3StateMixin"]
+
+
+class Stage3StateMixin:
+    """Checkpoint methods of `ZeroStage3` (uses its _layouts, master, optimizer, nvme_optimizer, tier)."""
+
+    _layouts: list[GroupLayout]
+
+    def layouts(self) -> list[GroupLayout]:
+        return self._layouts
+
+    def shard_index(self) -> Optional[int]:
+        return self.rank
+
+    def _optimizer_tensors(self, gi: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        if self.nvme_optimizer is not None:
+            tensors = {k: self.nvme_optimizer.read_full(gi, k) for k in ("exp_avg", "exp_avg_sq")}
+            return tensors, {"step": self.nvme_optimizer.steps[gi]}
+        master = self._opt_params[gi][0]
+        tensors, scalars = {}, {}
+        for key, value in self.optimizer.state.get(master, {}).items():
+            if isinstance(value, torch.Tensor) and value.numel() == master.numel() and master.numel() > 1:
+                tensors[key] = value.detach().reshape(-1).float().cpu().clone()
+            else:
+                scalars[key] = value.item() if isinstance(value, torch.Tensor) else value
+        return tensors, scalars
+
+    def shard_state(self) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+        tensors: dict[str, torch.Tensor] = {}
+        metas = []
+        for gi in range(len(self._layouts)):
+            tensors[f"g{gi}.fp32"] = self.master_shard(gi).cpu().clone()
+            state, scalars = self._optimizer_tensors(gi)
+            for key, t in state.items():
+                tensors[f"g{gi}.{key}"] = t
+            hyper = {k: (list(v) if isinstance(v, tuple) else v)
+                     for k, v in self.optimizer.param_groups[gi].items() if k != "params"}
+            metas.append({"hyperparams": _jsonable(hyper), "scalar_state": _jsonable(scalars),
+                          "state_keys": sorted(state)})
+        return tensors, metas
+
+    def _shard_from_full(self, gi: int, full: dict[str, torch.Tensor], what: str) -> torch.Tensor:
+        layout = self._layouts[gi]
+        out = torch.zeros(layout.shard_numel, dtype=torch.float32)
+        for piece in layout.pieces(self.rank):
+            slot = layout.slots[piece.param]
+            tensor = full.get(slot.name)
+            if tensor is None:
+                raise ValueError(f"checkpoint has no '{what}' for parameter '{slot.name}'")
+            if tuple(tensor.shape) != slot.shape:
+                raise ValueError(f"checkpoint '{what}' of '{slot.name}' has shape {tuple(tensor.shape)}, "
+                                 f"model has {slot.shape}")
+            out[piece.shard_offset : piece.shard_offset + piece.length] = \
+                tensor.reshape(-1)[piece.param_offset : piece.param_offset + piece.length]
+        return out
+
+    def load_shard_state(self, reader: ShardReader, load_optimizer_states: bool) -> None:
+        if reader.group_count() != len(self._layouts):
+            raise ValueError(f"checkpoint has {reader.group_count()} param groups, this engine has "
+                             f"{len(self._layouts)}")
+        for gi, layout in enumerate(self._layouts):  # validate everything before changing anything
+            names, saved = [s.name for s in layout.slots], reader.param_names(gi)
+            if sorted(saved) != sorted(names):
+                raise ValueError(
+                    f"param group {gi} does not match the checkpoint: missing from checkpoint "
+                    f"{sorted(set(names) - set(saved))[:5]}, not in model {sorted(set(saved) - set(names))[:5]}")
+        for gi, layout in enumerate(self._layouts):
+            master = self._shard_from_full(gi, reader.full_tensors(gi, "fp32"), "fp32")
+            self._set_master(gi, master)
+            if not load_optimizer_states:
+                continue
+            meta = reader.group_meta(gi)
+            group = self.optimizer.param_groups[gi]
+            for k, v in meta.get("hyperparams", {}).items():
+                if k in group:
+                    group[k] = tuple(v) if isinstance(group[k], tuple) else v
+            states = {key: self._shard_from_full(gi, reader.full_tensors(gi, key), key)
+                      for key in meta.get("state_keys", [])}
+            scalars = meta.get("scalar_state", {})
+            if self.nvme_optimizer is not None:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key not in states:
+                        raise ValueError(f"checkpoint group {gi} has no '{key}' (NVMe offload streams Adam)")
+                    self.nvme_optimizer.write_full(gi, key, states[key])
+                self.nvme_optimizer.steps[gi] = int(scalars.get("step", 0))
+                continue
+            p = self._opt_params[gi][0]
+            state = self.optimizer.state[p]
+            state.clear()
+            for key, value in states.items():
+                state[key] = value.to(device=p.device, dtype=p.dtype).clone()
+            for key, value in scalars.items():
+                state[key] = _restore_scalar(self.optimizer, key, value)
+        self._refresh_persistent()
+        self.reducer.clear()
+
+    def _set_master(self, gi: int, master: torch.Tensor) -> None:
+        """New fp32 master shard for group `gi`; the model-dtype shard follows."""
+        if self.nvme_optimizer is not None:
+            self.nvme_optimizer.write_full(gi, "fp32", master)
+        else:
+            self.master[gi].copy_(master)
+        if self.tier.flat(gi) is not self.master[gi] or self.nvme_optimizer is not None:
+            self.tier.write_group(gi, 0, master.to(self.dtype))
+        for rec in self.records:
+            if rec.group == gi:
+                self.gatherer.release(rec, force=True)
+
+
+def _restore_scalar(optimizer: torch.optim.Optimizer, key: str, value: Any) -> Any:
+    """torch optimizers keep `step` as a float tensor; ds-kernels' keep an int."""
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad)) and key == "step":
+        return torch.tensor(float(value), dtype=torch.float32)
+    if key == "step":
+        return int(value)
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    warn_once(f"checkpoint: optimizer value of type {type(value).__name__} saved as its string form")
+    return str(value)
