@@ -221,9 +221,12 @@ class DataEfficiency:
         data_parallel_rank: int = 0,
         data_parallel_size: int = 1,
         gradient_accumulation_steps: int = 1,
-        drop_last: bool = True,
     ):
-        """The curriculum batch sampler over analyzed metrics (a `torch.utils.data` batch_sampler)."""
+        """The curriculum batch sampler over analyzed metrics (a `torch.utils.data` batch_sampler).
+
+        It yields this rank's micro-batches (lists of sample ids), `gradient_accumulation_steps` of them
+        per optimizer step; batches are always full (the sampler rolls into the next epoch).
+        """
         if not self.needs_data_sampler:
             raise ValueError(
                 "build_data_sampler needs data_efficiency.data_sampling.curriculum_learning with a "
@@ -237,7 +240,6 @@ class DataEfficiency:
             data_parallel_rank=data_parallel_rank,
             data_parallel_size=data_parallel_size,
             gradient_accumulation_steps=gradient_accumulation_steps,
-            drop_last=drop_last,
         )
         return self.sampler
 
