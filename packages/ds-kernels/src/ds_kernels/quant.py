@@ -49,9 +49,17 @@ def available() -> bool:
     return ext is not None and hasattr(ext, "quantize")
 
 
+def _use_cuda(t: torch.Tensor) -> bool:
+    if t.device.type == "cpu":
+        return False
+    from ds_kernels import cuda
+
+    return cuda.available()
+
+
 def _use_compiled(t: torch.Tensor, op: str) -> bool:
     if t.device.type != "cpu":
-        return False  # other devices run the reference in torch ops (fast enough there); CUDA op: ds_kernels.cuda
+        return False  # GPU tensors: ds_kernels.cuda when built (checked by the caller), else torch ops
     if available():
         return True
     _loader.fallback_warning(op)
@@ -77,6 +85,10 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, symmetric: bool = True
     _check_layout(x.shape, bits, group_size)
     x = x.contiguous()
     n_groups = x.numel() // group_size
+    if _use_cuda(x):
+        from ds_kernels import cuda
+
+        return cuda.quantize(x, bits, group_size, symmetric)
     if _use_compiled(x, "quantize"):
         packed_last = x.shape[-1] // 2 if bits == 4 else x.shape[-1]
         data = torch.empty(*x.shape[:-1], packed_last, dtype=torch.uint8 if bits == 4 else torch.int8)
@@ -113,6 +125,10 @@ def dequantize(qt: QuantizedTensor, dtype: Optional[torch.dtype] = None) -> torc
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dequantize: dtype must be fp32, bf16 or fp16, got {dtype}")
     n_groups = qt.shape.numel() // qt.group_size
+    if _use_cuda(qt.data):
+        from ds_kernels import cuda
+
+        return cuda.dequantize(qt, dtype)
     if _use_compiled(qt.data, "dequantize"):
         data, scale = qt.data.contiguous(), qt.scale.contiguous()
         zp = None if qt.zero_point is None else qt.zero_point.contiguous()

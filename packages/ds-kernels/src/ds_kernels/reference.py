@@ -178,3 +178,9 @@ def quantized_matmul(
     if bias is not None:
         out = out + bias.float()
     return out
+
+
+def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str = "none") -> torch.Tensor:
+    """gelu(x + bias) computed in fp32, returned in x's dtype."""
+    v = x.float() if bias is None else x.float() + bias.float()
+    return torch.nn.functional.gelu(v, approximate=approximate).to(x.dtype)
