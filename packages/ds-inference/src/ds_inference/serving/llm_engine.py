@@ -88,7 +88,7 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._aborted: list[Sequence] = []
-        self.stats = {"steps": 0, "forward_tokens": 0}
+        self.stats = {"steps": 0, "forward_tokens": 0, "aborted": 0}
 
     # --- requests ---------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -140,6 +140,7 @@ class LLMEngine:
             return False
         self.scheduler.finish(seq, "abort")
         self._aborted.append(seq)
+        self.stats["aborted"] += 1
         return True
 
     def has_unfinished(self) -> bool:
