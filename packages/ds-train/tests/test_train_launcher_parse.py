@@ -1,13 +1,12 @@
 """ds-train-launch: hostfile, --include/--exclude, env file, exports and the exact commands built
 for one node, ssh, pdsh, slurm and the local pseudo-launcher. No process is started here."""
+
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 
 import pytest
-
 from ds_train.launcher.commands import (
     WORKER_ENTRY,
     LaunchPlan,
@@ -73,7 +72,9 @@ POOL = {"worker-0": 4, "worker-1": 4, "worker-2": 2}
 
 def test_node_specs_merge_and_sort_slots():
     assert parse_node_specs("worker-1:2,0@worker-0@worker-1:2,3", "--include") == {
-        "worker-1": [0, 2, 3], "worker-0": []}
+        "worker-1": [0, 2, 3],
+        "worker-0": [],
+    }
     assert parse_node_specs("w:1@w", "--include") == {"w": []}  # the whole host wins
 
 
@@ -84,7 +85,9 @@ def test_include_whole_host_and_slots_keeps_hostfile_order():
 
 def test_exclude_removes_slots_and_whole_hosts():
     assert select_resources(POOL, exclude="worker-1:0,3@worker-2") == {
-        "worker-0": [0, 1, 2, 3], "worker-1": [1, 2]}
+        "worker-0": [0, 1, 2, 3],
+        "worker-1": [1, 2],
+    }
     assert select_resources(POOL) == {"worker-0": [0, 1, 2, 3], "worker-1": [0, 1, 2, 3], "worker-2": [0, 1]}
 
 
@@ -136,7 +139,9 @@ def test_env_files_are_found_in_home_then_cwd_and_cwd_wins(tmp_path):
     (cwd / ".deepspeed_env").write_text("B=cwd\n")
     files = default_env_files(str(cwd), str(home), {})
     assert files == [str(home / ".deepspeed_env"), str(cwd / ".deepspeed_env")]
-    exports = collect_exports({"NCCL_DEBUG": "INFO", "HOME": "/h", "DS_X": "1", "PYTHONPATH": "/p"}, str(cwd), files)
+    exports = collect_exports(
+        {"NCCL_DEBUG": "INFO", "HOME": "/h", "DS_X": "1", "PYTHONPATH": "/p"}, str(cwd), files
+    )
     assert exports == {"A": "home", "B": "cwd", "DS_X": "1", "NCCL_DEBUG": "INFO", "PYTHONPATH": f"{cwd}:/p"}
     (cwd / "custom.env").write_text("C=1\n")
     assert default_env_files(str(cwd), str(home), {"DS_ENV_FILE": "custom.env"}) == [str(cwd / "custom.env")]
@@ -147,16 +152,29 @@ def test_env_files_are_found_in_home_then_cwd_and_cwd_wins(tmp_path):
 # ---------------------------------------------------------------- commands
 def _plan(**overrides) -> LaunchPlan:
     fields = dict(
-        resources={"worker-0": [0, 1], "worker-1": [0, 2]}, script="train.py", script_args=["--lr", "1e-3", "a b"],
-        master_addr="worker-0", master_port=29600, job_id="ds-job1", cwd="/work dir",
-        exports={"NCCL_DEBUG": "INFO", "PYTHONPATH": "/work dir"}, python="/venv/bin/python",
+        resources={"worker-0": [0, 1], "worker-1": [0, 2]},
+        script="train.py",
+        script_args=["--lr", "1e-3", "a b"],
+        master_addr="worker-0",
+        master_port=29600,
+        job_id="ds-job1",
+        cwd="/work dir",
+        exports={"NCCL_DEBUG": "INFO", "PYTHONPATH": "/work dir"},
+        python="/venv/bin/python",
     )
     fields.update(overrides)
     return LaunchPlan(**fields)
 
 
 def _torchrun(nnodes, nproc, node_rank=None, rdzv=None):
-    argv = ["/venv/bin/python", "-u", "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}"]
+    argv = [
+        "/venv/bin/python",
+        "-u",
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={nnodes}",
+        f"--nproc_per_node={nproc}",
+    ]
     if node_rank is not None:
         argv += [f"--node_rank={node_rank}", "--master_addr=worker-0", "--master_port=29600"]
     if rdzv is not None:
@@ -197,7 +215,9 @@ def test_pdsh_command_is_exact():
         '*) echo "ds-train-launch: host %h is not in this job" >&2; exit 2;; esac;'
     )
     torchrun = shlex.join(_torchrun(2, "X", "Y")).replace(
-        "--nproc_per_node=X --node_rank=Y", "--nproc_per_node=$DS_LAUNCH_NPROC --node_rank=$DS_LAUNCH_NODE_RANK")
+        "--nproc_per_node=X --node_rank=Y",
+        "--nproc_per_node=$DS_LAUNCH_NPROC --node_rank=$DS_LAUNCH_NODE_RANK",
+    )
     body = f"export NCCL_DEBUG=INFO; export PYTHONPATH='/work dir'; cd '/work dir' && exec {torchrun}"
     assert cmd.argv == ["pdsh", "-S", "-f", "1024", "-w", "worker-0,worker-1", f"{chooser} {body}"]
     assert cmd.env == {"PDSH_RCMD_TYPE": "ssh", "PDSH_SSH_ARGS_APPEND": "-p 2222"}
@@ -212,8 +232,15 @@ def test_slurm_command_is_exact_and_needs_even_hosts():
     plan = _plan(resources={"worker-0": [0, 1], "worker-1": [0, 1]}, launcher_args=["--partition=gpu"])
     cmd = slurm_command(plan)
     assert cmd.argv == [
-        "srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--nodelist=worker-0,worker-1",
-        "--chdir=/work dir", "--export=ALL", "--kill-on-bad-exit=1", "--partition=gpu",
+        "srun",
+        "--nodes=2",
+        "--ntasks=2",
+        "--ntasks-per-node=1",
+        "--nodelist=worker-0,worker-1",
+        "--chdir=/work dir",
+        "--export=ALL",
+        "--kill-on-bad-exit=1",
+        "--partition=gpu",
         *_torchrun(2, 2, rdzv="worker-0:29600"),
     ]
     assert cmd.env == {"NCCL_DEBUG": "INFO", "PYTHONPATH": "/work dir"}
@@ -224,27 +251,58 @@ def test_slurm_command_is_exact_and_needs_even_hosts():
 def test_single_node_command_and_kill_commands():
     plan = _plan(resources={"localhost": [1, 3]}, master_addr="127.0.0.1")
     cmd = single_node_command(plan)
-    assert cmd.argv[:9] == ["/venv/bin/python", "-u", "-m", "torch.distributed.run", "--nnodes=1",
-                            "--nproc_per_node=2", "--node_rank=0", "--master_addr=127.0.0.1", "--master_port=29600"]
+    assert cmd.argv[:9] == [
+        "/venv/bin/python",
+        "-u",
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--node_rank=0",
+        "--master_addr=127.0.0.1",
+        "--master_port=29600",
+    ]
     assert cmd.env["CUDA_VISIBLE_DEVICES"] == "1,3"
     kills = kill_commands(_plan(), "ssh")
     assert [k.argv for k in kills] == [
-        ["ssh", "-o", "BatchMode=yes", h, "pkill -TERM -f -- '[-]-rdzv_id=ds-job1'"] for h in ("worker-0", "worker-1")]
-    assert kill_commands(_plan(), "pdsh")[0].argv[:6] == ["pdsh", "-f", "1024", "-w", "worker-0,worker-1",
-                                                         "pkill -TERM -f -- '[-]-rdzv_id=ds-job1'"]
+        ["ssh", "-o", "BatchMode=yes", h, "pkill -TERM -f -- '[-]-rdzv_id=ds-job1'"]
+        for h in ("worker-0", "worker-1")
+    ]
+    assert kill_commands(_plan(), "pdsh")[0].argv[:6] == [
+        "pdsh",
+        "-f",
+        "1024",
+        "-w",
+        "worker-0,worker-1",
+        "pkill -TERM -f -- '[-]-rdzv_id=ds-job1'",
+    ]
     assert kill_commands(_plan(), "slurm") == [] and kill_commands(_plan(), "local") == []
 
 
 def test_module_no_python_and_no_local_rank_flags_reach_the_worker_entry():
     cmd = single_node_command(_plan(resources={"localhost": [0]}, module=True, no_local_rank=True))
-    assert cmd.argv[cmd.argv.index(WORKER_ENTRY):] == [WORKER_ENTRY, "--no_local_rank", "--module", "train.py",
-                                                       "--lr", "1e-3", "a b"]
+    assert cmd.argv[cmd.argv.index(WORKER_ENTRY) :] == [
+        WORKER_ENTRY,
+        "--no_local_rank",
+        "--module",
+        "train.py",
+        "--lr",
+        "1e-3",
+        "a b",
+    ]
 
 
 def test_worker_entry_builds_deepspeed_argv():
     env = {"LOCAL_RANK": "3"}
     assert build_argv(["s.py", "--x"], env, "py") == ["py", "-u", "s.py", "--local_rank=3", "--x"]
-    assert build_argv(["--module", "pkg.m", "--x"], env, "py") == ["py", "-u", "-m", "pkg.m", "--local_rank=3", "--x"]
+    assert build_argv(["--module", "pkg.m", "--x"], env, "py") == [
+        "py",
+        "-u",
+        "-m",
+        "pkg.m",
+        "--local_rank=3",
+        "--x",
+    ]
     assert build_argv(["--no_python", "./run.sh"], env, "py") == ["./run.sh", "--local_rank=3"]
     assert build_argv(["--no_local_rank", "s.py"], env, "py") == ["py", "-u", "s.py"]
 
@@ -259,8 +317,18 @@ def test_cli_plan_with_hostfile_include_and_env_file(tmp_path):
     hostfile.write_text("w0 slots=2\nw1 slots=2\n")
     env_file = tmp_path / "env"
     env_file.write_text("NCCL_SOCKET_IFNAME=eth0,eth1\n")
-    args = _args("-H", str(hostfile), "--include", "w0@w1:1", "--launcher", "ssh", "--env_file", str(env_file),
-                 "train.py", "--flag")
+    args = _args(
+        "-H",
+        str(hostfile),
+        "--include",
+        "w0@w1:1",
+        "--launcher",
+        "ssh",
+        "--env_file",
+        str(env_file),
+        "train.py",
+        "--flag",
+    )
     plan, multi = make_plan(args, {"PATH": "/bin"}, str(tmp_path))
     assert multi and plan.resources == {"w0": [0, 1], "w1": [1]} and plan.master_addr == "w0"
     assert plan.exports == {"NCCL_SOCKET_IFNAME": "eth0,eth1", "PYTHONPATH": str(tmp_path)}
@@ -331,3 +399,19 @@ def test_launcher_modules_add_no_torch_import():
     )
     result = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_no_ssh_starts_only_this_nodes_share(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("w0 slots=2\nw1 slots=3\n")
+    args = _args("-H", str(hostfile), "--no_ssh", "--node_rank", "1", "train.py")
+    plan, multi = make_plan(args, {}, str(tmp_path))
+    assert not multi and plan.master_addr == "w0"
+    (command,) = plan_commands(plan, multi, args.launcher, node_rank=1)
+    assert command.argv[4:9] == [
+        "--nnodes=2",
+        "--nproc_per_node=3",
+        "--node_rank=1",
+        "--master_addr=w0",
+        "--master_port=29500",
+    ]

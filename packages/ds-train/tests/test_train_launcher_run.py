@@ -1,10 +1,12 @@
 """ds-train-launch for real: torchrun on one node, a two-"host" job on loopback through the local
 pseudo-launcher (the exact line ssh would run, in a clean environment), the supervisor's failure and
 signal handling, and exit codes."""
+
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,7 +15,6 @@ import threading
 import time
 
 import pytest
-
 from ds_train.launcher.commands import Command
 from ds_train.launcher.supervise import supervise
 
@@ -21,7 +22,7 @@ PY = sys.executable
 
 # A DeepSpeed-style script: takes --local_rank, initializes gloo through ds_core.comm, all-reduces a
 # vector and writes what it saw. The reference is the same sum computed in one process.
-WORKER_SCRIPT = r'''
+WORKER_SCRIPT = r"""
 import argparse, json, os, sys, time
 parser = argparse.ArgumentParser()
 parser.add_argument("--local_rank", type=int, default=None)
@@ -52,7 +53,7 @@ with open(os.path.join(args.out, f"rank{comm.get_rank()}.json"), "w") as f:
     json.dump(result, f)
 comm.barrier()
 comm.destroy_process_group()  # a clean exit: no gloo thread left running at interpreter shutdown
-'''
+"""
 
 
 def _free_port() -> int:
@@ -86,8 +87,14 @@ def _reference_sum(world: int) -> list[float]:
 
 def _launch(args: list[str], cwd, env_extra: dict[str, str] | None = None, timeout: float = 120.0):
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([PY, "-m", "ds_train.launcher.runner", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [PY, "-m", "ds_train.launcher.runner", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _results(out_dir, world: int) -> list[dict]:
@@ -106,8 +113,11 @@ def script(tmp_path):
 def test_single_node_two_processes_all_reduce_with_local_rank(tmp_path, script):
     path, out = script
     (tmp_path / ".deepspeed_env").write_text("DS_FROM_ENV_FILE=hello world\n")
-    proc = _launch(["--num_procs", "2", "--master_port", str(_free_port()), str(path), "--out", str(out)],
-                   cwd=tmp_path, env_extra={"HOME": str(tmp_path / "nohome")})
+    proc = _launch(
+        ["--num_procs", "2", "--master_port", str(_free_port()), str(path), "--out", str(out)],
+        cwd=tmp_path,
+        env_extra={"HOME": str(tmp_path / "nohome")},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = _results(out, 2)
     for rank, res in enumerate(results):
@@ -127,9 +137,24 @@ def test_two_hosts_on_loopback_form_one_world_of_four(tmp_path, script):
     hostfile.write_text("# two names for this machine\nlocalhost slots=3\n127.0.0.1 slots=2\n")
     env_file = tmp_path / "launch.env"
     env_file.write_text("DS_FROM_ENV_FILE=it's here\n")
-    args = ["--hostfile", str(hostfile), "--include", "localhost:0,2@127.0.0.1", "--launcher", "local",
-            "--master_port", str(_free_port()), "--env_file", str(env_file), str(path), "--out", str(out)]
-    proc = _launch(args, cwd=tmp_path, env_extra={"NCCL_LAUNCH_TEST": "forwarded", "UNEXPORTED_LAUNCH_TEST": "x"})
+    args = [
+        "--hostfile",
+        str(hostfile),
+        "--include",
+        "localhost:0,2@127.0.0.1",
+        "--launcher",
+        "local",
+        "--master_port",
+        str(_free_port()),
+        "--env_file",
+        str(env_file),
+        str(path),
+        "--out",
+        str(out),
+    ]
+    proc = _launch(
+        args, cwd=tmp_path, env_extra={"NCCL_LAUNCH_TEST": "forwarded", "UNEXPORTED_LAUNCH_TEST": "x"}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = _results(out, 4)
     for rank, res in enumerate(results):
@@ -152,9 +177,28 @@ def test_failing_worker_gives_nonzero_exit_and_stops_the_other_node(tmp_path, sc
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
     launcher = subprocess.Popen(
-        [PY, "-m", "ds_train.launcher.runner", "--hostfile", str(hostfile), "--launcher", "local",
-         "--master_port", str(_free_port()), str(path), "--out", str(out), "--fail_rank", "1", "--sleep", "300"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            PY,
+            "-m",
+            "ds_train.launcher.runner",
+            "--hostfile",
+            str(hostfile),
+            "--launcher",
+            "local",
+            "--master_port",
+            str(_free_port()),
+            str(path),
+            "--out",
+            str(out),
+            "--fail_rank",
+            "1",
+            "--sleep",
+            "300",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         output = launcher.communicate(timeout=120)[0].decode()
@@ -170,9 +214,26 @@ def test_failing_worker_gives_nonzero_exit_and_stops_the_other_node(tmp_path, sc
 def test_sigint_stops_the_launcher_and_every_worker(tmp_path, script):
     path, out = script
     launcher = subprocess.Popen(
-        [PY, "-m", "ds_train.launcher.runner", "--num_procs", "2", "--master_port", str(_free_port()),
-         "--stop_timeout", "20", str(path), "--out", str(out), "--sleep", "300"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            PY,
+            "-m",
+            "ds_train.launcher.runner",
+            "--num_procs",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "--stop_timeout",
+            "20",
+            str(path),
+            "--out",
+            str(out),
+            "--sleep",
+            "300",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         pids = _wait_for_pids(out, [0, 1], launcher)
@@ -188,8 +249,13 @@ def test_sigint_stops_the_launcher_and_every_worker(tmp_path, script):
 # ---------------------------------------------------------------- supervisor, no torch
 def test_supervise_returns_first_failure_and_stops_the_rest():
     start = time.monotonic()
-    status = supervise([Command("fails", ["/bin/sh", "-c", "sleep 0.2; exit 3"]),
-                        Command("sleeps", ["/bin/sh", "-c", "sleep 30"])], grace_s=5)
+    status = supervise(
+        [
+            Command("fails", ["/bin/sh", "-c", "sleep 0.2; exit 3"]),
+            Command("sleeps", ["/bin/sh", "-c", "sleep 30"]),
+        ],
+        grace_s=5,
+    )
     assert status == 3 and time.monotonic() - start < 10
     assert supervise([Command("ok", ["/bin/sh", "-c", "exit 0"]), Command("ok2", ["true"])]) == 0
 
@@ -212,8 +278,42 @@ def test_supervise_escalates_to_sigkill_when_sigterm_is_ignored(tmp_path):
 
 
 def test_supervise_clean_env_passes_only_basic_and_exported_variables():
-    command = Command("env", ["/bin/sh", "-c", 'test -z "$SECRET_LAUNCH_TEST" && test "$KEPT" = yes'],
-                      env={"KEPT": "yes"}, clean_env=True)
+    command = Command(
+        "env",
+        ["/bin/sh", "-c", 'test -z "$SECRET_LAUNCH_TEST" && test "$KEPT" = yes'],
+        env={"KEPT": "yes"},
+        clean_env=True,
+    )
     assert supervise([command], environ={**os.environ, "SECRET_LAUNCH_TEST": "1"}) == 0
     leaky = Command("env", command.argv, env={"KEPT": "yes"})
     assert supervise([leaky], environ={**os.environ, "SECRET_LAUNCH_TEST": "1"}) == 1
+
+
+@pytest.mark.skipif(shutil.which("pdsh") is None, reason="pdsh is not installed")
+def test_pdsh_command_runs_for_real_through_pdsh_exec_module(tmp_path, script):
+    """The exact pdsh line, run by pdsh's 'exec' module (``sh -c LINE`` per host instead of ssh):
+    pdsh's %h substitution must pick each host's node rank."""
+    from ds_train.launcher.commands import LaunchPlan, pdsh_command
+    from ds_train.launcher.environment import collect_exports
+
+    path, out = script
+    plan = LaunchPlan(
+        resources={"localhost": [0], "127.0.0.1": [0]},
+        script=str(path),
+        script_args=["--out", str(out)],
+        master_addr="localhost",
+        master_port=_free_port(),
+        job_id="ds-pdsh-test",
+        cwd=str(tmp_path),
+        python=PY,
+        exports=collect_exports(os.environ, str(tmp_path), []),
+    )
+    command = pdsh_command(plan)
+    argv = ["pdsh", "-R", "exec", *command.argv[1:-1], "sh", "-c", command.argv[-1]]
+    proc = subprocess.run(
+        argv, env={**os.environ, **command.env}, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = _results(out, 2)
+    assert [r["env"]["GROUP_RANK"] for r in results] == ["0", "1"]
+    assert all(r["world"] == 2 and r["sum"] == _reference_sum(2) for r in results)

@@ -7,6 +7,7 @@ and pdsh each host gets an explicit ``--node_rank`` in hostfile order with the s
 ``--master_addr``; under SLURM the same command runs once per node via srun with the c10d rendezvous,
 which numbers the nodes itself (srun cannot give each node a different argv).
 """
+
 from __future__ import annotations
 
 import os
@@ -97,13 +98,22 @@ def torchrun_argv(
 ) -> list[str]:
     """``python -u -m torch.distributed.run ...`` for one node. ``nproc_per_node``/``node_rank`` may
     be shell expansions (``$VAR``, left unquoted); the c10d rendezvous takes no node rank."""
-    argv = [plan.python, "-u", "-m", "torch.distributed.run", f"--nnodes={nnodes}",
-            _word(f"--nproc_per_node={nproc_per_node}")]
+    argv = [
+        plan.python,
+        "-u",
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={nnodes}",
+        _word(f"--nproc_per_node={nproc_per_node}"),
+    ]
     if rendezvous == "static":
         if node_rank is None:
             raise LauncherError("the static rendezvous needs a node rank")
-        argv += [_word(f"--node_rank={node_rank}"),
-                 f"--master_addr={plan.master_addr}", f"--master_port={plan.master_port}"]
+        argv += [
+            _word(f"--node_rank={node_rank}"),
+            f"--master_addr={plan.master_addr}",
+            f"--master_port={plan.master_port}",
+        ]
     else:
         argv += ["--rdzv_backend=c10d", f"--rdzv_endpoint={plan.master_addr}:{plan.master_port}"]
     # A unique run id: the rendezvous is tied to this job, and a remote kill can find its torchruns.
@@ -149,8 +159,11 @@ def local_commands(plan: LaunchPlan) -> list[Command]:
     """The ssh commands' remote lines run here with ``/bin/sh -c`` in a clean environment: a real
     multi-node launch on one machine (tests, or trying a hostfile before using the cluster)."""
     return [
-        Command(f"{host} (node {rank}, local)", ["/bin/sh", "-c", remote_shell_command(plan, host, rank)],
-                clean_env=True)
+        Command(
+            f"{host} (node {rank}, local)",
+            ["/bin/sh", "-c", remote_shell_command(plan, host, rank)],
+            clean_env=True,
+        )
         for rank, host in enumerate(plan.resources)
     ]
 
@@ -167,7 +180,9 @@ def pdsh_command(plan: LaunchPlan) -> Command:
     unknown = '*) echo "ds-train-launch: host %h is not in this job" >&2; exit 2;;'
     chooser = f"case %h in {' '.join(branches)} {unknown} esac;"
     argv = torchrun_argv(plan, len(plan.resources), f"${NPROC_VAR}", f"${NODE_RANK_VAR}")
-    body = " ".join([*_exports_line(plan.exports), f"cd {shlex.quote(plan.cwd)} &&", "exec " + _shell_join(argv)])
+    body = " ".join(
+        [*_exports_line(plan.exports), f"cd {shlex.quote(plan.cwd)} &&", "exec " + _shell_join(argv)]
+    )
     # pdsh substitutes %h/%u/%n anywhere in the line; a literal % must be written %%.
     line = chooser + " " + body.replace("%", "%%")
     argv = ["pdsh", "-S", "-f", str(PDSH_FAN_OUT), "-w", ",".join(plan.resources), *plan.launcher_args, line]
@@ -193,10 +208,18 @@ def slurm_command(plan: LaunchPlan) -> Command:
         )
     nnodes = len(plan.resources)
     any_host = next(iter(plan.resources))
-    argv = ["srun", f"--nodes={nnodes}", f"--ntasks={nnodes}", "--ntasks-per-node=1",
-            f"--nodelist={','.join(plan.resources)}", f"--chdir={plan.cwd}", "--export=ALL",
-            "--kill-on-bad-exit=1", *plan.launcher_args,
-            *torchrun_argv(plan, nnodes, str(len(plan.resources[any_host])), None, rendezvous="c10d")]
+    argv = [
+        "srun",
+        f"--nodes={nnodes}",
+        f"--ntasks={nnodes}",
+        "--ntasks-per-node=1",
+        f"--nodelist={','.join(plan.resources)}",
+        f"--chdir={plan.cwd}",
+        "--export=ALL",
+        "--kill-on-bad-exit=1",
+        *plan.launcher_args,
+        *torchrun_argv(plan, nnodes, str(len(plan.resources[any_host])), None, rendezvous="c10d"),
+    ]
     return Command("srun", argv, env={**plan.exports, **device_exports(plan, any_host)})
 
 

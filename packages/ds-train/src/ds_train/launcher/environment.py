@@ -1,5 +1,6 @@
 """What the launcher exports to every node: selected variables of this environment plus the
 ``.deepspeed_env`` file (``NAME=value`` lines), as DeepSpeed does."""
+
 from __future__ import annotations
 
 import os
@@ -66,9 +67,7 @@ def collect_exports(
     modules); variables whose names start with ``prefixes`` are forwarded; the env files are read in
     order and override what came before."""
     exports = {
-        name: value
-        for name, value in environ.items()
-        if name.startswith(prefixes) and _NAME.match(name)
+        name: value for name, value in environ.items() if name.startswith(prefixes) and _NAME.match(name)
     }
     existing = environ.get("PYTHONPATH")
     exports["PYTHONPATH"] = f"{cwd}:{existing}" if existing else cwd

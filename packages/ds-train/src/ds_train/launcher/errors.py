@@ -1,4 +1,5 @@
 """The one error type the launcher raises for bad input (a hostfile, a filter, an env file, a flag)."""
+
 from __future__ import annotations
 
 

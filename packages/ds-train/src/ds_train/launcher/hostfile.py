@@ -4,6 +4,7 @@ A resource pool maps each host to its slots (device indices ``0..N-1``). The act
 that pool after filtering: host -> the slot indices this job uses there, in hostfile order (the
 order fixes the node ranks, so node 0 is the first host left).
 """
+
 from __future__ import annotations
 
 import os
@@ -29,9 +30,7 @@ def parse_hostfile_text(text: str, source: str = "<hostfile>") -> dict[str, int]
             continue
         match = _HOST_LINE.match(line)
         if match is None:
-            raise LauncherError(
-                f"{source}:{lineno}: expected 'HOST slots=N', got {raw.strip()!r}"
-            )
+            raise LauncherError(f"{source}:{lineno}: expected 'HOST slots=N', got {raw.strip()!r}")
         host, slots_text = match.group("host"), match.group("slots")
         try:
             slots = int(slots_text)
@@ -92,8 +91,7 @@ def _check_known(pool: dict[str, list[int]], specs: dict[str, list[int]], flag: 
     for host, slots in specs.items():
         if host not in pool:
             raise LauncherError(
-                f"{flag} names host {host!r}, which is not in the resource pool "
-                f"(hosts: {', '.join(pool)})"
+                f"{flag} names host {host!r}, which is not in the resource pool (hosts: {', '.join(pool)})"
             )
         for slot in slots:
             if slot not in pool[host]:

@@ -4,8 +4,10 @@
     ds-train-launch --hostfile hosts --include "worker-0@worker-1:0,2" --launcher ssh train.py ...
 
 Parses the flags, builds a `LaunchPlan`, turns it into commands (`commands.py`) and supervises them
-(`supervise.py`). Importing this module imports neither torch nor torch.distributed.
+(`supervise.py`). The launcher modules import neither torch nor torch.distributed (only the
+`ds_train` package `__init__` may), and the per-node processes never import `ds_train`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,12 +50,16 @@ UNSUPPORTED_FLAGS = {
     "--bind_cores_to_rank": (0, "core binding is not implemented"),
     "--bind_core_list": (1, "core binding is not implemented"),
 }
-DEVICE_ENV_BY_ACCELERATOR = {"xpu": "ZE_AFFINITY_MASK"}  # everything else (CUDA, ROCm) reads CUDA_VISIBLE_DEVICES
+DEVICE_ENV_BY_ACCELERATOR = {
+    "xpu": "ZE_AFFINITY_MASK"
+}  # everything else (CUDA, ROCm) reads CUDA_VISIBLE_DEVICES
 
 
 class _Unsupported(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001 - argparse API
-        parser.error(f"{option_string} is not supported by ds-train-launch: {UNSUPPORTED_FLAGS[self.dest_flag][1]}")
+        parser.error(
+            f"{option_string} is not supported by ds-train-launch: {UNSUPPORTED_FLAGS[self.dest_flag][1]}"
+        )
 
     def __init__(self, option_strings, dest, nargs=None, **kwargs):  # noqa: ANN001 - argparse API
         self.dest_flag = option_strings[0]
@@ -62,38 +68,72 @@ class _Unsupported(argparse.Action):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="ds-train-launch", allow_abbrev=False,
+        prog="ds-train-launch",
+        allow_abbrev=False,
         description="Launch a training script on one or many nodes with torchrun (DeepSpeed's launcher flags).",
     )
-    p.add_argument("-H", "--hostfile", default=None,
-                   help=f"'HOST slots=N' lines; default {DEFAULT_HOSTFILE} when it exists, else this machine only")
+    p.add_argument(
+        "-H",
+        "--hostfile",
+        default=None,
+        help=f"'HOST slots=N' lines; default {DEFAULT_HOSTFILE} when it exists, else this machine only",
+    )
     p.add_argument("-i", "--include", default="", help="use only these resources: 'worker-0@worker-1:0,2'")
-    p.add_argument("-e", "--exclude", default="", help="use all resources but these (same syntax as --include)")
+    p.add_argument(
+        "-e", "--exclude", default="", help="use all resources but these (same syntax as --include)"
+    )
     p.add_argument("--num_nodes", type=int, default=None, help="use the first N hosts of the hostfile")
-    p.add_argument("--num_procs", "--num_gpus", "--num_accelerators", dest="num_procs", type=int, default=None,
-                   help="processes per node (the first N slots of each host); default: all slots, or the "
-                        "accelerator's device count without a hostfile")
-    p.add_argument("--master_addr", default=None, help="address of node 0; default: 127.0.0.1 on one node, "
-                                                       "else the first host's name")
+    p.add_argument(
+        "--num_procs",
+        "--num_gpus",
+        "--num_accelerators",
+        dest="num_procs",
+        type=int,
+        default=None,
+        help="processes per node (the first N slots of each host); default: all slots, or the "
+        "accelerator's device count without a hostfile",
+    )
+    p.add_argument(
+        "--master_addr",
+        default=None,
+        help="address of node 0; default: 127.0.0.1 on one node, else the first host's name",
+    )
     p.add_argument("--master_port", type=int, default=DEFAULT_MASTER_PORT)
-    p.add_argument("--launcher", default="pdsh", help=f"multi-node launcher: {', '.join(LAUNCHERS)} ('local' runs "
-                                                      "every host's command on this machine)")
+    p.add_argument(
+        "--launcher",
+        default="pdsh",
+        help=f"multi-node launcher: {', '.join(LAUNCHERS)} ('local' runs "
+        "every host's command on this machine)",
+    )
     p.add_argument("--launcher_args", default="", help="extra arguments for ssh/pdsh/srun, one quoted string")
     p.add_argument("--ssh_port", type=int, default=None, help="ssh port for the ssh and pdsh launchers")
     p.add_argument("--comment", default=None, help="srun --comment (slurm launcher only)")
     p.add_argument("--account", default=None, help="srun --account (slurm launcher only)")
-    p.add_argument("--env_file", default=None, help="NAME=value file exported to every node; default: "
-                                                    ".deepspeed_env in $HOME then in the working directory")
+    p.add_argument(
+        "--env_file",
+        default=None,
+        help="NAME=value file exported to every node; default: "
+        ".deepspeed_env in $HOME then in the working directory",
+    )
     p.add_argument("--module", action="store_true", help="run the script as a module (python -m)")
     p.add_argument("--no_python", action="store_true", help="execute the script directly, not with python")
     p.add_argument("--no_local_rank", action="store_true", help="do not pass --local_rank=N to the script")
     p.add_argument("--force_multi", action="store_true", help="use the multi-node launcher even for one host")
-    p.add_argument("--no_ssh_check", action="store_true", help="skip the passwordless-ssh check of the first host")
-    p.add_argument("--no_ssh", action="store_true", help="start only this machine's part of a multi-node job "
-                                                         "(run it on every host with its --node_rank)")
+    p.add_argument(
+        "--no_ssh_check", action="store_true", help="skip the passwordless-ssh check of the first host"
+    )
+    p.add_argument(
+        "--no_ssh",
+        action="store_true",
+        help="start only this machine's part of a multi-node job (run it on every host with its --node_rank)",
+    )
     p.add_argument("--node_rank", type=int, default=None, help="this machine's node rank, with --no_ssh")
-    p.add_argument("--stop_timeout", type=float, default=30.0,
-                   help="seconds to wait after SIGTERM before SIGKILL when stopping the job")
+    p.add_argument(
+        "--stop_timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait after SIGTERM before SIGKILL when stopping the job",
+    )
     p.add_argument("--dry_run", action="store_true", help="print the commands instead of running them")
     for flag in UNSUPPORTED_FLAGS:
         p.add_argument(flag, action=_Unsupported, help=argparse.SUPPRESS)
@@ -126,8 +166,10 @@ def resource_pool(args: argparse.Namespace) -> tuple[dict[str, int], bool]:
 def make_plan(args: argparse.Namespace, environ: dict[str, str], cwd: str) -> tuple[LaunchPlan, bool]:
     """The plan and whether it runs as a multi-node job."""
     if args.launcher in OTHER_DEEPSPEED_LAUNCHERS:
-        raise LauncherError(f"--launcher {args.launcher} is not supported by ds-train-launch; use one of "
-                            f"{', '.join(LAUNCHERS)}")
+        raise LauncherError(
+            f"--launcher {args.launcher} is not supported by ds-train-launch; use one of "
+            f"{', '.join(LAUNCHERS)}"
+        )
     if args.launcher not in LAUNCHERS:
         raise LauncherError(f"unknown --launcher {args.launcher!r}; use one of {', '.join(LAUNCHERS)}")
     if (args.include or args.exclude) and (args.num_nodes is not None or args.num_procs is not None):
@@ -143,7 +185,9 @@ def make_plan(args: argparse.Namespace, environ: dict[str, str], cwd: str) -> tu
     active = limit_resources(active, args.num_nodes, args.num_procs if from_hostfile else None)
     multi = (len(active) > 1 or args.force_multi) and not args.no_ssh
     if args.no_ssh and (args.node_rank is None or not 0 <= args.node_rank < len(active)):
-        raise LauncherError(f"--no_ssh needs --node_rank in [0, {len(active) - 1}] for the {len(active)} hosts")
+        raise LauncherError(
+            f"--no_ssh needs --node_rank in [0, {len(active) - 1}] for the {len(active)} hosts"
+        )
     master_addr = args.master_addr or (next(iter(active)) if (multi or args.no_ssh) else "127.0.0.1")
     env_files = [args.env_file] if args.env_file else default_env_files(cwd, os.path.expanduser("~"), environ)
     if args.env_file:
@@ -155,16 +199,27 @@ def make_plan(args: argparse.Namespace, environ: dict[str, str], cwd: str) -> tu
         launcher_args.append(f"--account={args.account}")
     accelerator = environ.get("DS_ACCELERATOR", "cuda").strip().lower()
     plan = LaunchPlan(
-        resources=active, script=args.user_script, script_args=list(args.user_args), master_addr=master_addr,
-        master_port=args.master_port, job_id=f"ds-{uuid.uuid4().hex[:12]}", cwd=cwd,
-        exports=collect_exports(environ, cwd, env_files), module=args.module, no_python=args.no_python,
-        no_local_rank=args.no_local_rank, launcher_args=launcher_args, ssh_port=args.ssh_port,
+        resources=active,
+        script=args.user_script,
+        script_args=list(args.user_args),
+        master_addr=master_addr,
+        master_port=args.master_port,
+        job_id=f"ds-{uuid.uuid4().hex[:12]}",
+        cwd=cwd,
+        exports=collect_exports(environ, cwd, env_files),
+        module=args.module,
+        no_python=args.no_python,
+        no_local_rank=args.no_local_rank,
+        launcher_args=launcher_args,
+        ssh_port=args.ssh_port,
         device_env=DEVICE_ENV_BY_ACCELERATOR.get(accelerator, "CUDA_VISIBLE_DEVICES"),
     )
     return plan, multi
 
 
-def plan_commands(plan: LaunchPlan, multi: bool, launcher: str, node_rank: int | None = None) -> list[Command]:
+def plan_commands(
+    plan: LaunchPlan, multi: bool, launcher: str, node_rank: int | None = None
+) -> list[Command]:
     if node_rank is not None:  # --no_ssh: this machine's share of a multi-node job
         host = list(plan.resources)[node_rank]
         argv = torchrun_argv(plan, len(plan.resources), str(len(plan.resources[host])), str(node_rank))
@@ -183,14 +238,23 @@ def plan_commands(plan: LaunchPlan, multi: bool, launcher: str, node_rank: int |
 def _preflight(plan: LaunchPlan, launcher: str, check_ssh: bool) -> None:
     binary = {"ssh": "ssh", "pdsh": "pdsh", "slurm": "srun"}.get(launcher)
     if binary and shutil.which(binary) is None:
-        raise LauncherError(f"--launcher {launcher} needs '{binary}' on PATH; install it or choose another launcher")
+        raise LauncherError(
+            f"--launcher {launcher} needs '{binary}' on PATH; install it or choose another launcher"
+        )
     if check_ssh and launcher in ("ssh", "pdsh"):
         host = next(iter(plan.resources))
         port = ["-p", str(plan.ssh_port)] if plan.ssh_port is not None else []
         probe = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", *port, host, "true"]
-        if subprocess.run(probe, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False).returncode != 0:
-            raise LauncherError(f"cannot ssh to {host!r} without a password ({shlex.join(probe)} failed); set up "
-                                "passwordless ssh or pass --no_ssh_check")
+        if (
+            subprocess.run(
+                probe, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False
+            ).returncode
+            != 0
+        ):
+            raise LauncherError(
+                f"cannot ssh to {host!r} without a password ({shlex.join(probe)} failed); set up "
+                "passwordless ssh or pass --no_ssh_check"
+            )
 
 
 def _describe(plan: LaunchPlan, multi: bool, launcher: str) -> str:

@@ -6,6 +6,7 @@ remote kill commands for ssh/pdsh, then SIGKILL after a grace period. When one c
 others are stopped the same way, since their workers would otherwise wait for the dead peers until
 the collective timeout. The exit status is the first failure's, or 128+signal when interrupted.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,15 +39,22 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def _stop(procs: list[subprocess.Popen], kill_commands: list[Command], environ: Mapping[str, str],
-          grace_s: float) -> None:
+def _stop(
+    procs: list[subprocess.Popen], kill_commands: list[Command], environ: Mapping[str, str], grace_s: float
+) -> None:
     running = [p for p in procs if p.poll() is None]
     for proc in running:
         _signal_group(proc, signal.SIGTERM)
     for command in kill_commands:
         try:
-            subprocess.run(command.argv, env=command_env(command, environ), timeout=KILL_COMMAND_TIMEOUT_S,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+            subprocess.run(
+                command.argv,
+                env=command_env(command, environ),
+                timeout=KILL_COMMAND_TIMEOUT_S,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                check=False,
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             _log(f"could not run {command.label}: {exc}")
     deadline = time.monotonic() + grace_s
@@ -77,7 +85,9 @@ def supervise(
     procs: list[subprocess.Popen] = []
     try:
         for command in commands:
-            procs.append(subprocess.Popen(command.argv, env=command_env(command, environ), start_new_session=True))
+            procs.append(
+                subprocess.Popen(command.argv, env=command_env(command, environ), start_new_session=True)
+            )
         status = 0
         while True:
             if received:

@@ -10,6 +10,7 @@ imports nothing but the standard library: it costs a few milliseconds, not a tor
 
 Usage: ``worker_entry.py [--no_local_rank] [--module | --no_python] TARGET [ARGS...]``
 """
+
 from __future__ import annotations
 
 import os
