@@ -415,3 +415,37 @@ def test_no_ssh_starts_only_this_nodes_share(tmp_path):
         "--master_addr=w0",
         "--master_port=29500",
     ]
+
+
+def test_hostfile_rejects_names_that_could_become_options_or_shell():
+    for bad in ("-oProxyCommand=touch_x", "a;b", "$(x)", "a'b"):
+        with pytest.raises(LauncherError, match="is not a host name or address"):
+            parse_hostfile_text(f"{bad} slots=1\n", source="hf")
+    assert parse_hostfile_text("10.0.0.1 slots=1\nnode-1.cluster slots=2\n[::1] slots=1\n") == {
+        "10.0.0.1": 1,
+        "node-1.cluster": 2,
+        "[::1]": 1,
+    }
+
+
+def test_one_remote_host_still_uses_the_multi_node_launcher(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=2\nworker-7 slots=2\n")
+    plan, multi = make_plan(
+        _args("-H", str(hostfile), "--include", "worker-7", "train.py"), {}, str(tmp_path)
+    )
+    assert multi and plan.master_addr == "worker-7"
+    plan, multi = make_plan(
+        _args("-H", str(hostfile), "--include", "localhost", "train.py"), {}, str(tmp_path)
+    )
+    assert not multi and plan.master_addr == "127.0.0.1"
+    plan, multi = make_plan(
+        _args("-H", str(hostfile), "--include", "localhost", "--force_multi", "train.py"), {}, str(tmp_path)
+    )
+    assert multi
+
+
+def test_slurm_without_hostfile_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("ds_train.launcher.runner.DEFAULT_HOSTFILE", str(tmp_path / "absent"))
+    with pytest.raises(LauncherError, match="--launcher slurm needs a hostfile"):
+        make_plan(_args("--launcher", "slurm", "--num_procs", "2", "train.py"), {}, str(tmp_path))

@@ -13,6 +13,9 @@ import re
 from ds_train.launcher.errors import LauncherError
 
 _HOST_LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>\S+)$")
+# Names and addresses only: a host becomes an ssh/pdsh/srun argument, so "-oProxyCommand=..." or
+# shell syntax must never get that far.
+_HOST_NAME = re.compile(r"^[A-Za-z0-9_.:\[\]][A-Za-z0-9_.:\[\]%-]*$")
 
 
 def parse_hostfile_text(text: str, source: str = "<hostfile>") -> dict[str, int]:
@@ -32,6 +35,8 @@ def parse_hostfile_text(text: str, source: str = "<hostfile>") -> dict[str, int]
         if match is None:
             raise LauncherError(f"{source}:{lineno}: expected 'HOST slots=N', got {raw.strip()!r}")
         host, slots_text = match.group("host"), match.group("slots")
+        if not _HOST_NAME.match(host):
+            raise LauncherError(f"{source}:{lineno}: {host!r} is not a host name or address")
         try:
             slots = int(slots_text)
         except ValueError:

@@ -14,6 +14,7 @@ import argparse
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -149,6 +150,11 @@ def _device_count() -> int:
     return get_accelerator().device_count()
 
 
+def _is_this_machine(host: str) -> bool:
+    name = socket.gethostname()
+    return host in ("localhost", "127.0.0.1", "::1", name, name.split(".")[0])
+
+
 def resource_pool(args: argparse.Namespace) -> tuple[dict[str, int], bool]:
     """``({host: slots}, from_hostfile)``."""
     if args.hostfile is not None:
@@ -183,7 +189,15 @@ def make_plan(args: argparse.Namespace, environ: dict[str, str], cwd: str) -> tu
     pool, from_hostfile = resource_pool(args)
     active = select_resources(pool, args.include, args.exclude)
     active = limit_resources(active, args.num_nodes, args.num_procs if from_hostfile else None)
-    multi = (len(active) > 1 or args.force_multi) and not args.no_ssh
+    if args.launcher == "slurm" and not from_hostfile:
+        raise LauncherError(
+            "--launcher slurm needs a hostfile naming the allocated nodes, e.g. "
+            "`scontrol show hostnames | sed 's/$/ slots=N/' > hostfile`"
+        )
+    # DeepSpeed runs a one-host job locally; we do that only when the host is this machine, so that
+    # `--include worker-3` starts on worker-3 rather than here (DeepSpeed needs --force_multi for it).
+    only_here = len(active) == 1 and _is_this_machine(next(iter(active)))
+    multi = (not only_here or args.force_multi) and not args.no_ssh
     if args.no_ssh and (args.node_rank is None or not 0 <= args.node_rank < len(active)):
         raise LauncherError(
             f"--no_ssh needs --node_rank in [0, {len(active) - 1}] for the {len(active)} hosts"
