@@ -5,8 +5,5 @@
 - `nvme_optimizer.NvmeOptimizerSwapper`: fp32 master weights and Adam moments in files, streamed
   through a few aligned buffers chunk by chunk while the CPU Adam kernel updates the previous chunk.
 """
-from ds_train.offload.nvme_optimizer import NvmeOptimizerSwapper
-from ds_train.offload.nvme_params import NvmeParamTier
-from ds_train.offload.swap_folder import NvmeSwapError, SwapFolder
 
-__all__ = ["SwapFolder", "NvmeSwapError", "NvmeParamTier", "NvmeOptimizerSwapper"]
+__all__ = ["config", "swap_folder", "nvme_params", "nvme_optimizer"]

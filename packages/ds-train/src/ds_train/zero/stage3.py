@@ -148,14 +148,14 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
         # -- where the model-dtype shards live ---------------------------------------------------------
         sizes = [layout.shard_numel for layout in self._layouts]
         if "nvme" in (opts.offload_param, opts.offload_optimizer):
-            from ds_train.offload import SwapFolder
+            from ds_train.offload.swap_folder import SwapFolder
 
             path = opts.optimizer_nvme_path or opts.param_nvme_path
             self.swap_folder = SwapFolder(path, comm.get_rank() if comm.is_initialized() else 0,
                                           block_size=opts.aio_block_size, queue_depth=opts.aio_queue_depth,
                                           threads=opts.aio_threads)
         if opts.offload_param == "nvme":
-            from ds_train.offload import NvmeParamTier
+            from ds_train.offload.nvme_params import NvmeParamTier
 
             largest = max((r.shard_numel for r in self.records), default=1)
             self.tier = NvmeParamTier(self.swap_folder, sizes, dtype, opts.param_buffer_size, largest)
@@ -183,7 +183,7 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
             self.master.append(master)
         del initial
         if opts.offload_optimizer == "nvme":
-            from ds_train.offload import NvmeOptimizerSwapper
+            from ds_train.offload.nvme_optimizer import NvmeOptimizerSwapper
 
             chunk = min(opts.sub_group_size, max(sizes, default=1))
             self.nvme_optimizer = NvmeOptimizerSwapper(self.swap_folder, sizes, chunk, opts.optimizer_buffer_count)

@@ -11,6 +11,9 @@
 - Autograd saves parameters (or views of them) for backward. A saved-tensor pack hook replaces such a
   tensor by (parameter, view geometry), so the graph never keeps a whole parameter alive, and the
   unpack hook regathers it if needed: whatever order or reuse a model has, backward sees whole values.
+- A parameter read by a module it does not belong to (a tied weight used through `F.linear`, a
+  child's weight used by its parent) is caught by a torch-function mode during forward: it is
+  gathered on the spot, released with the running module, and from then on gathered with that module.
 - Modules marked as leaves (`set_z3_leaf_modules`, e.g. an MoE block whose experts run depending on
   the data) gather all their parameters at once, so no rank waits for a collective another skips.
 """
@@ -21,8 +24,9 @@ from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
+from torch.overrides import TorchFunctionMode
 
-from ds_train.zero.stage3_params import ParamGatherer, Stage3Param
+from ds_train.zero.stage3_params import GATHERED, ParamGatherer, Stage3Param
 
 __all__ = ["PrefetchCoordinator", "set_z3_leaf_modules"]
 
@@ -100,6 +104,8 @@ class PrefetchCoordinator:
         self.in_backward = False
         self._bwd_seen: set[int] = set()
         self.active = False
+        self._running: list[int] = []  # modules whose forward is executing (innermost last)
+        self._mode = _GatherOnUse(self)
 
     # -- pass boundaries ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -107,8 +113,9 @@ class PrefetchCoordinator:
         """Wraps one forward: the saved-tensor hooks are active, the forward trace restarts."""
         self.fwd.start()
         self.active = True
+        self._running = []
         try:
-            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack), self._mode:
                 yield
         finally:
             self.active = False
@@ -130,6 +137,8 @@ class PrefetchCoordinator:
             self.gatherer.gather(recs)
             for r in recs:
                 r.users += 1
+            if self.active:
+                self._running.append(idx)
             if position is not None:
                 self._prefetch(self.fwd.previous, position)
         return pre
@@ -137,6 +146,8 @@ class PrefetchCoordinator:
     def _make_post(self, idx: int):
         def post(module: torch.nn.Module, args: Any, output: Any) -> Any:
             recs = self.module_params[idx]
+            if self.active and self._running and self._running[-1] == idx:
+                self._running.pop()
             for r in recs:
                 r.users -= 1
             if not (self.active and self._reused_soon(idx)):
@@ -186,6 +197,15 @@ class PrefetchCoordinator:
         if batch:
             self.gatherer.gather(batch, async_op=True)
 
+    def gather_on_use(self, rec: Stage3Param) -> None:
+        """A partitioned parameter reached an op outside its own module: gather it for the running module."""
+        self.gatherer.gather([rec])
+        if self._running:
+            idx = self._running[-1]
+            if rec not in self.module_params[idx]:
+                self.module_params[idx].append(rec)  # gathered up front (and prefetched) from now on
+            rec.users += 1  # released with this module at its post-hook
+
     # -- saved tensors ------------------------------------------------------------------------------
     def _pack(self, tensor: torch.Tensor) -> Any:
         rec = self.gatherer.lookup(tensor)
@@ -233,3 +253,29 @@ def _register_output_hooks(output: Any, callback) -> None:
             stack.extend(obj)
         elif isinstance(obj, dict):
             stack.extend(obj.values())
+
+
+class _GatherOnUse(TorchFunctionMode):
+    """During forward, gathers any partitioned parameter an op receives while it is not whole."""
+
+    def __init__(self, coordinator: PrefetchCoordinator) -> None:
+        super().__init__()
+        self.coordinator = coordinator
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        for a in args:
+            self._check(a)
+        for a in kwargs.values():
+            self._check(a)
+        return func(*args, **kwargs)
+
+    def _check(self, obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            rec = getattr(obj, "ds3", None)
+            if rec is not None and rec.status != GATHERED:
+                self.coordinator.gather_on_use(rec)
+        elif isinstance(obj, (list, tuple)):
+            for item in obj:
+                if isinstance(item, torch.Tensor):
+                    self._check(item)
