@@ -317,3 +317,71 @@ def test_pdsh_command_runs_for_real_through_pdsh_exec_module(tmp_path, script):
     results = _results(out, 2)
     assert [r["env"]["GROUP_RANK"] for r in results] == ["0", "1"]
     assert all(r["world"] == 2 and r["sum"] == _reference_sum(2) for r in results)
+
+
+# A stand-in for ssh: runs the remote line in its own session (out of reach of local signals, like a
+# process on another machine) and logs every call, so the ssh path runs end to end without sshd.
+FAKE_SSH = r"""#!/bin/sh
+while [ $# -gt 0 ]; do case "$1" in -o|-p) shift 2;; -*) shift;; *) break;; esac; done
+host=$1; shift
+echo "$host $*" >> "$FAKE_SSH_LOG"
+setsid /bin/sh -c "$*" &
+wait $!
+"""
+
+
+def test_ssh_launch_end_to_end_and_sigterm_stops_remote_workers(tmp_path, script):
+    path, out = script
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text(FAKE_SSH)
+    (bin_dir / "ssh").chmod(0o755)
+    log = tmp_path / "ssh.log"
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SSH_LOG": str(log)}
+    launcher = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "ds_train.launcher.runner",
+            "--hostfile",
+            str(hostfile),
+            "--launcher",
+            "ssh",
+            "--master_port",
+            str(_free_port()),
+            str(path),
+            "--out",
+            str(out),
+            "--sleep",
+            "300",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        pids = _wait_for_pids(out, [0, 1], launcher)
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 30  # the remote side stops after the kill command reached it
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in pids)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+        for pid_file in out.glob("pid*"):  # never leave a "remote" worker behind if the test failed
+            if _alive(pid := int(pid_file.read_text())):
+                os.kill(pid, signal.SIGKILL)
+    calls = log.read_text().splitlines()
+    assert calls[0] == "localhost true"  # the password-less ssh probe
+    launches = [c for c in calls if "torch.distributed.run" in c]
+    assert [c.split()[0] for c in launches] == ["localhost", "127.0.0.1"]
+    assert "--node_rank=0" in launches[0] and "--node_rank=1" in launches[1]
+    kills = [c for c in calls if "pkill" in c]
+    assert sorted(c.split()[0] for c in kills) == ["127.0.0.1", "localhost"]
