@@ -354,6 +354,11 @@ def test_cli_single_node_without_hostfile(tmp_path, monkeypatch):
         (["--module", "--no_python"], "mutually exclusive"),
         (["--comment", "x"], "need --launcher slurm"),
         (["--node_rank", "1"], "only used with --no_ssh"),
+        (["--launcher", "slurm", "--ssh_port", "22"], "--ssh_port is used by the ssh and pdsh launchers"),
+        (
+            ["--launcher", "local", "--launcher_args", "-v"],
+            "--launcher_args has no meaning for --launcher local",
+        ),
         (["--no_ssh", "--node_rank", "5"], "--no_ssh needs --node_rank in [0, 1]"),
         (["--env_file", "/nonexistent/env"], "env file '/nonexistent/env' does not exist"),
     ],
@@ -408,6 +413,7 @@ def test_no_ssh_starts_only_this_nodes_share(tmp_path):
     plan, multi = make_plan(args, {}, str(tmp_path))
     assert not multi and plan.master_addr == "w0"
     (command,) = plan_commands(plan, multi, args.launcher, node_rank=1)
+    assert command.env == {"PYTHONPATH": str(tmp_path)}
     assert command.argv[4:9] == [
         "--nnodes=2",
         "--nproc_per_node=3",

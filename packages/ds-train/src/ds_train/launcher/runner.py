@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from ds_train.launcher.commands import (
     Command,
     LaunchPlan,
+    device_exports,
     kill_commands,
     local_commands,
     pdsh_command,
@@ -184,6 +185,14 @@ def make_plan(args: argparse.Namespace, environ: dict[str, str], cwd: str) -> tu
         raise LauncherError("--module and --no_python are mutually exclusive")
     if (args.comment or args.account) and args.launcher != "slurm":
         raise LauncherError("--comment/--account are srun options; they need --launcher slurm")
+    if args.ssh_port is not None and args.launcher not in ("ssh", "pdsh"):
+        raise LauncherError(
+            f"--ssh_port is used by the ssh and pdsh launchers, not --launcher {args.launcher}"
+        )
+    if args.launcher_args and args.launcher == "local":
+        raise LauncherError(
+            "--launcher_args has no meaning for --launcher local (nothing wraps the commands)"
+        )
     if args.node_rank is not None and not args.no_ssh:
         raise LauncherError("--node_rank is only used with --no_ssh")
     pool, from_hostfile = resource_pool(args)
@@ -237,7 +246,8 @@ def plan_commands(
     if node_rank is not None:  # --no_ssh: this machine's share of a multi-node job
         host = list(plan.resources)[node_rank]
         argv = torchrun_argv(plan, len(plan.resources), str(len(plan.resources[host])), str(node_rank))
-        return [Command(f"{host} (node {node_rank})", argv, env=dict(plan.exports))]
+        env = {**plan.exports, **device_exports(plan, host)}
+        return [Command(f"{host} (node {node_rank})", argv, env=env)]
     if not multi:
         return [single_node_command(plan)]
     if launcher == "ssh":
@@ -259,12 +269,10 @@ def _preflight(plan: LaunchPlan, launcher: str, check_ssh: bool) -> None:
         host = next(iter(plan.resources))
         port = ["-p", str(plan.ssh_port)] if plan.ssh_port is not None else []
         probe = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", *port, host, "true"]
-        if (
-            subprocess.run(
-                probe, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False
-            ).returncode
-            != 0
-        ):
+        probe_result = subprocess.run(
+            probe, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False
+        )
+        if probe_result.returncode != 0:
             raise LauncherError(
                 f"cannot ssh to {host!r} without a password ({shlex.join(probe)} failed); set up "
                 "passwordless ssh or pass --no_ssh_check"
