@@ -4,13 +4,13 @@ from __future__ import annotations
 import torch
 
 
-def make_llama(layers: int = 2, seed: int = 0) -> torch.nn.Module:
-    """A randomly initialized 2-layer Llama (hidden 64, 4 heads / 2 KV heads, vocab 256, tied embeddings)."""
+def make_llama(layers: int = 2, seed: int = 0, vocab: int = 256) -> torch.nn.Module:
+    """A randomly initialized Llama (hidden 64, 4 heads / 2 KV heads, tied embeddings)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, vocab_size=256, tie_word_embeddings=True)
+                      intermediate_size=128, vocab_size=vocab, tie_word_embeddings=True)
     return LlamaForCausalLM(cfg).eval()
 
 
