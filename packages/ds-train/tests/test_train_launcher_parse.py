@@ -356,7 +356,7 @@ def test_cli_single_node_without_hostfile(tmp_path, monkeypatch):
         (["--node_rank", "1"], "only used with --no_ssh"),
         (["--launcher", "slurm", "--ssh_port", "22"], "--ssh_port is used by the ssh and pdsh launchers"),
         (
-            ["--launcher", "local", "--launcher_args", "-v"],
+            ["--launcher", "local", "--launcher_args=-v"],
             "--launcher_args has no meaning for --launcher local",
         ),
         (["--no_ssh", "--node_rank", "5"], "--no_ssh needs --node_rank in [0, 1]"),
