@@ -1,0 +1,102 @@
+"""Optional packages the config can ask for: ds-data (curriculum / data efficiency) and ds-compression.
+
+They are imported only when their config section is present (the import DAG allows ds_train to use
+them lazily); a missing package is one error naming what to install.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from ds_core.config import ConfigError
+
+__all__ = ["DataEfficiencyHook", "CompressionHook", "to_json_tree", "from_json_tree"]
+
+
+def _import(module: str, pip_name: str, section: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(
+            f"config section '{section}' needs the {pip_name} package: pip install {pip_name} ({exc})"
+        ) from None
+
+
+class DataEfficiencyHook:
+    """Drives ds_data.integration.DataEfficiency from the engine (curriculum, random-LTD, token LR)."""
+
+    def __init__(self, raw_config: dict[str, Any], model: torch.nn.Module, global_batch_size: int, rank: int) -> None:
+        section = "data_efficiency" if raw_config.get("data_efficiency") is not None else "curriculum_learning"
+        integration = _import("ds_data.integration", "ds-data", section)
+        if not hasattr(integration, "DataEfficiency"):
+            raise ConfigError(f"config section '{section}': the installed ds-data has no DataEfficiency; upgrade ds-data")
+        self.impl = integration.DataEfficiency.from_ds_config(
+            raw_config, global_batch_size=global_batch_size, data_parallel_rank=rank
+        )
+        self.impl.wrap_model(model)
+        self.peak_lrs: list[float] | None = None
+
+    def on_step_begin(self, global_step: int, optimizer: torch.optim.Optimizer) -> None:
+        self.impl.on_step_begin(global_step)
+        if self.impl.drives_lr:
+            if self.peak_lrs is None:
+                self.peak_lrs = [g["lr"] for g in optimizer.param_groups]
+            scale = self.impl.lr_scale()
+            for g, peak in zip(optimizer.param_groups, self.peak_lrs):
+                g["lr"] = peak * scale
+
+    def transform(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if kwargs:
+            kwargs = self.impl.transform_batch(dict(kwargs))
+        args = tuple(self.impl.transform_batch(a) if isinstance(a, (torch.Tensor, dict, list, tuple)) else a
+                     for a in args)
+        return args, kwargs
+
+    def state_dict(self) -> Any:
+        return to_json_tree(self.impl.state_dict())
+
+    def load_state_dict(self, state: Any) -> None:
+        self.impl.load_state_dict(from_json_tree(state))
+
+
+class CompressionHook:
+    """ds_compression's compression-aware training: init on the model, a scheduler stepped per step."""
+
+    def __init__(self, raw_config: dict[str, Any], model: torch.nn.Module) -> None:
+        pkg = _import("ds_compression", "ds-compression", "compression_training")
+        init = getattr(pkg, "init_compression", None)
+        scheduler_cls = getattr(pkg, "CompressionScheduler", None)
+        if init is None or scheduler_cls is None:
+            raise ConfigError(
+                "config section 'compression_training': the installed ds-compression does not provide "
+                "init_compression/CompressionScheduler yet; upgrade ds-compression or remove the section"
+            )
+        model_out = init(model, raw_config)
+        if model_out is not None and model_out is not model:
+            raise ConfigError("ds_compression.init_compression must modify the model in place for ds-train")
+        self.scheduler = scheduler_cls(model, raw_config)
+
+    def step(self) -> None:
+        self.scheduler.step()
+
+
+def to_json_tree(value: Any) -> Any:
+    """Plain Python/torch state -> JSON-able (tensors tagged), for hooks' checkpoint state."""
+    if isinstance(value, torch.Tensor):
+        return {"__tensor__": value.detach().cpu().tolist(), "dtype": str(value.dtype).replace("torch.", "")}
+    if isinstance(value, dict):
+        return {str(k): to_json_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_tree(v) for v in value]
+    return value
+
+
+def from_json_tree(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return torch.tensor(value["__tensor__"], dtype=getattr(torch, value["dtype"]))
+        return {k: from_json_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_json_tree(v) for v in value]
+    return value

@@ -1,0 +1,542 @@
+"""ZeRO stages 0, 1 and 2 over bucketed flat buffers (see `zero/partition.py` for the layout).
+
+- Stage 0: every rank holds everything; gradients are all-reduced bucket by bucket as backward fills
+  them (only on the micro step that synchronizes).
+- Stage 1: fp32 master weights and optimizer state are sharded; full gradients are accumulated
+  locally and reduce-scattered bucket by bucket on the synchronizing micro step.
+- Stage 2: gradients are sharded too: every micro step reduce-scatters each bucket as soon as it is
+  full and accumulates only this rank's piece.
+After the update (stages 1, 2) each bucket's updated pieces are all-gathered into the low-precision
+flat buffer the model's parameters are views of.
+
+Buckets are launched in a fixed order (last bucket first, as backward produces them) so that every
+rank issues the same collectives in the same order, whatever order the hooks fire in.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from ds_core import comm
+from ds_core.accelerator import get_accelerator
+from ds_core.logging import warn_once
+
+from ds_train.zero.partition import Bucket, GroupLayout, build_layout
+from ds_train.zero.strategy import ShardReader, StepResult, ZeroStrategy
+
+__all__ = ["ZeroStage012"]
+
+
+class _Pending:
+    """An in-flight reduction and what to do once it lands."""
+
+    __slots__ = ("work", "finish")
+
+    def __init__(self, work: Any, finish: Callable[[], None]) -> None:
+        self.work, self.finish = work, finish
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+        self.finish()
+
+
+class ZeroStage012(ZeroStrategy):
+    """Stages 0-2 on one data-parallel group. `make_optimizer(groups)` builds the torch optimizer."""
+
+    def __init__(
+        self,
+        param_groups: list[dict[str, Any]],
+        param_names: dict[int, str],
+        make_optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
+        *,
+        stage: int,
+        dtype: torch.dtype,
+        grad_dtype: torch.dtype,
+        comm_dtype: torch.dtype | None,
+        device: torch.device,
+        group: Any = None,
+        bucket_size: int = 500_000_000,
+        allgather_bucket_size: int = 500_000_000,
+        overlap_comm: bool = True,
+        reduce_scatter: bool = True,
+        allgather_partitions: bool = True,
+        offload_optimizer: bool = False,
+        pin_memory: bool = False,
+        elementwise: bool = True,
+        predivide_factor: float = 1.0,
+        prescale_gradients: bool = False,
+        ignore_unused_parameters: bool = True,
+    ) -> None:
+        if stage not in (0, 1, 2):
+            raise ValueError(f"ZeroStage012 handles stages 0, 1, 2, not {stage}")
+        self.stage = stage
+        self.group = group
+        self.world = comm.get_world_size(group) if comm.is_initialized() else 1
+        self.rank = comm.get_rank(group) if comm.is_initialized() else 0
+        self.parts = self.world if stage >= 1 else 1
+        self.part = self.rank if stage >= 1 else 0
+        self.dtype, self.grad_dtype, self.comm_dtype = dtype, grad_dtype, comm_dtype
+        self.device = device
+        self.overlap_comm = overlap_comm
+        self.reduce_scatter = reduce_scatter
+        self.allgather_partitions = allgather_partitions
+        self.allgather_bucket_size = allgather_bucket_size
+        self.offload = offload_optimizer
+        self.pin_memory = pin_memory
+        self.predivide = predivide_factor
+        self.prescale = prescale_gradients
+        self.ignore_unused = ignore_unused_parameters
+        self.per_param_master = not elementwise and self.parts == 1
+
+        self.params: list[list[torch.nn.Parameter]] = [list(g["params"]) for g in param_groups]
+        self._layouts: list[GroupLayout] = []
+        self.flat: list[torch.Tensor] = []  # model-dtype flat buffers; params are views
+        for params in self.params:
+            names = [param_names[id(p)] for p in params]
+            layout = build_layout(names, [tuple(p.shape) for p in params], self.parts, bucket_size)
+            flat = torch.zeros(layout.numel, dtype=dtype, device=device)
+            for p, view in zip(params, layout.param_views(flat)):
+                view.copy_(p.detach())
+                p.data = view
+            self._layouts.append(layout)
+            self.flat.append(flat)
+        self._broadcast_flat()
+
+        self.master: list[torch.Tensor] = [self._make_master(i) for i in range(len(self.params))]
+        self._opt_params: list[list[torch.Tensor]] = []
+        groups = []
+        for i, g in enumerate(param_groups):
+            hyper = {k: v for k, v in g.items() if k != "params"}
+            if self.per_param_master:
+                opt_params = self._layouts[i].param_views(self.master[i])
+            else:
+                opt_params = [self.master[i]]
+            self._opt_params.append(opt_params)
+            groups.append({**hyper, "params": opt_params})
+        self.optimizer = make_optimizer(groups)
+
+        # gradient buffers: stages 0/1 keep whole gradients, stage 2 only this rank's shard
+        self.grad_full: list[torch.Tensor | None] = []
+        self.grad_shard: list[torch.Tensor | None] = []
+        for layout in self._layouts:
+            if stage <= 1:
+                self.grad_full.append(torch.zeros(layout.numel, dtype=grad_dtype, device=device))
+                self.grad_shard.append(None)
+            else:
+                self.grad_full.append(None)
+                self.grad_shard.append(torch.zeros(layout.shard_numel, dtype=grad_dtype, device=device))
+
+        self._bucket_of: dict[int, tuple[int, int, int]] = {}  # id(param) -> (group, slot, bucket)
+        for gi, layout in enumerate(self._layouts):
+            for bi, b in enumerate(layout.buckets):
+                for si in range(b.first_param, b.last_param):
+                    self._bucket_of[id(self.params[gi][si])] = (gi, si, bi)
+        self._order = [(gi, bi) for gi in reversed(range(len(self._layouts)))
+                       for bi in reversed(range(len(self._layouts[gi].buckets)))]
+        self._sync = False
+        self._first_micro = True  # stage 2: the first micro step writes its piece instead of adding
+        self._reset_backward_state()
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for ps in self.params for p in ps]
+
+    # -- setup helpers -------------------------------------------------------------------------------
+    def _broadcast_flat(self) -> None:
+        """Rank 0's initial weights everywhere (as DeepSpeed does at initialize)."""
+        if self.world > 1:
+            src = comm.get_global_rank(self.group, 0) if self.group is not None else 0
+            for flat in self.flat:
+                comm.broadcast(flat, src, group=self.group)
+
+    def _make_master(self, gi: int) -> torch.Tensor:
+        layout, flat = self._layouts[gi], self.flat[gi]
+        if self.parts == 1 and self.dtype == torch.float32 and not self.offload:
+            return flat  # fp32 stage 0: the model's buffer is the master copy
+        device = torch.device("cpu") if self.offload else self.device
+        # offload: a separate host buffer even on a CPU-only machine, so the mechanism is the real one
+        master = torch.empty(layout.shard_numel, dtype=torch.float32, device=device)
+        if self.offload and self.pin_memory:
+            master = get_accelerator().pin_memory(master)
+        self._gather_pieces(layout, flat, self.part, out=master)
+        return master
+
+    @staticmethod
+    def _gather_pieces(layout: GroupLayout, flat: torch.Tensor, part: int, out: torch.Tensor) -> torch.Tensor:
+        for b, view in zip(layout.buckets, layout.shard_views(flat, part)):
+            n = view.numel()
+            out[b.shard_offset : b.shard_offset + n].copy_(view)
+        return out
+
+    # -- backward -----------------------------------------------------------------------------------
+    def _reset_backward_state(self) -> None:
+        self._remaining = [[b.last_param - b.first_param for b in layout.buckets] for layout in self._layouts]
+        self._ready: set[tuple[int, int]] = set()
+        self._next = 0  # index into self._order of the next bucket to launch
+        self._staging: dict[tuple[int, int], torch.Tensor] = {}
+        self._pending: list[_Pending] = []
+        self._seen: set[int] = set()
+
+    def before_backward(self, sync: bool) -> None:
+        # stage 2 reduces on every micro step (its gradients are sharded); `sync` matters for 0 and 1
+        self._sync = sync
+        self._reset_backward_state()
+
+    def _on_grad(self, p: torch.nn.Parameter) -> None:
+        gi, si, bi = self._bucket_of[id(p)]
+        slot = self._layouts[gi].slots[si]
+        grad = p.grad
+        if self.stage <= 1:
+            self.grad_full[gi][slot.offset : slot.end].view(slot.shape).add_(grad)
+        else:
+            self._staging_buffer(gi, bi)[slot.offset - self._layouts[gi].buckets[bi].start :][: slot.numel].copy_(
+                grad.reshape(-1)
+            )
+        p.grad = None
+        if id(p) in self._seen:
+            return
+        self._seen.add(id(p))
+        self._remaining[gi][bi] -= 1
+        if self._remaining[gi][bi] == 0:
+            self._ready.add((gi, bi))
+            self._launch_ready()
+
+    def _staging_buffer(self, gi: int, bi: int) -> torch.Tensor:
+        buf = self._staging.get((gi, bi))
+        if buf is None:
+            buf = torch.zeros(self._layouts[gi].buckets[bi].numel, dtype=self.grad_dtype, device=self.device)
+            self._staging[(gi, bi)] = buf
+        return buf
+
+    def _launch_ready(self, force: bool = False) -> None:
+        if not self._sync and self.stage <= 1:
+            return
+        while self._next < len(self._order):
+            key = self._order[self._next]
+            if not force and key not in self._ready:
+                return
+            self._launch(*key)
+            self._next += 1
+
+    def after_backward(self) -> None:
+        if self._sync or self.stage == 2:
+            unused = [layout.slots[si].name for gi, layout in enumerate(self._layouts)
+                      for si, p in enumerate(self.params[gi]) if id(p) not in self._seen]
+            if unused and not self.ignore_unused:
+                raise RuntimeError(
+                    f"parameters without gradients in this backward: {unused[:8]}; set "
+                    "zero_optimization.ignore_unused_parameters=true to treat them as zero"
+                )
+            self._launch_ready(force=True)
+            for pending in self._pending:
+                pending.wait()
+            self._pending = []
+            self._staging = {}
+            if self.stage == 2:
+                self._first_micro = False
+
+    def _pre_post_factors(self) -> tuple[float, float]:
+        if self.prescale:
+            pre = 1.0 / self.predivide
+            post = self.predivide / self.world
+        else:
+            pre = 1.0
+            post = 1.0 / self.world
+        return pre, post
+
+    def _launch(self, gi: int, bi: int) -> None:
+        """Start reducing bucket `bi` of group `gi` (async when overlap_comm)."""
+        layout = self._layouts[gi]
+        b = layout.buckets[bi]
+        pre, post = self._pre_post_factors()
+        if self.stage <= 1:
+            src = self.grad_full[gi][b.start : b.end]
+        else:
+            src = self._staging_buffer(gi, bi)
+        if self.world == 1:
+            if self.stage == 2:
+                self._accumulate_piece(gi, b, src)
+            return
+        send = src if self.comm_dtype in (None, src.dtype) else src.to(self.comm_dtype)
+        if pre != 1.0:
+            send.mul_(pre)
+        lo, hi = layout.piece_range(b, self.part)
+        if self.stage == 0 or not self.reduce_scatter:
+            work = comm.all_reduce(send, group=self.group, async_op=self.overlap_comm)
+
+            def finish() -> None:
+                if send is not src:
+                    src.copy_(send)
+                src.mul_(post)
+                if self.stage == 2:
+                    self._accumulate_piece(gi, b, src[lo - b.start : hi - b.start])
+        else:
+            out = torch.empty(hi - lo, dtype=send.dtype, device=send.device)
+            work = comm.reduce_scatter_tensor(out, send, group=self.group, async_op=self.overlap_comm)
+
+            def finish() -> None:
+                out.mul_(post)
+                if self.stage == 1:
+                    self.grad_full[gi][lo:hi].copy_(out)
+                else:
+                    self._accumulate_piece(gi, b, out)
+
+        pending = _Pending(work if self.overlap_comm else None, finish)
+        if self.overlap_comm:
+            self._pending.append(pending)
+        else:
+            pending.wait()
+
+    def _accumulate_piece(self, gi: int, b: Bucket, piece: torch.Tensor) -> None:
+        """Stage 2: add this rank's reduced piece (or the whole bucket when world == 1) to its shard."""
+        if piece.numel() == b.numel and self.parts > 1:
+            lo, hi = self._layouts[gi].piece_range(b, self.part)
+            piece = piece[lo - b.start : hi - b.start]
+        target = self.grad_shard[gi][b.shard_offset : b.shard_offset + piece.numel()]
+        if self._first_micro:
+            target.copy_(piece)
+        else:
+            target.add_(piece)
+
+    # -- step ---------------------------------------------------------------------------------------
+    def _master_grads(self) -> list[torch.Tensor]:
+        grads = []
+        for gi, layout in enumerate(self._layouts):
+            master = self.master[gi]
+            if self.stage == 2:
+                g = self.grad_shard[gi]
+            elif self.parts == 1:
+                g = self.grad_full[gi]
+            else:
+                g = self._gather_pieces(layout, self.grad_full[gi], self.part,
+                                        out=torch.empty(layout.shard_numel, dtype=self.grad_dtype, device=self.device))
+            if g.dtype != torch.float32 or g.device != master.device:
+                g = g.to(device=master.device, dtype=torch.float32, copy=True)
+            grads.append(g)
+        return grads
+
+    def _all_ranks(self, value: torch.Tensor, op: Any) -> torch.Tensor:
+        if self.parts > 1:
+            comm.all_reduce(value, op=op, group=self.group)
+        return value
+
+    def step(self, loss_scale: float, clip_norm: float, check_overflow: bool) -> StepResult:
+        grads = self._master_grads()
+        if check_overflow:
+            bad = torch.zeros(1, dtype=torch.float32, device=self.device)
+            for g in grads:
+                if not torch.isfinite(g).all():
+                    bad.fill_(1.0)
+            if self._all_ranks(bad, comm.ReduceOp.MAX).item() > 0:
+                self._clear_grads()
+                return StepResult(overflow=True, grad_norm=None)
+        sumsq = torch.zeros(1, dtype=torch.float32, device=self.device)
+        for g in grads:
+            sumsq += torch.linalg.vector_norm(g).square().to(self.device)
+        norm = float(self._all_ranks(sumsq, comm.ReduceOp.SUM).sqrt().item()) / loss_scale
+        combined = loss_scale
+        if clip_norm > 0:
+            clip = (norm + 1e-6) / clip_norm
+            if clip > 1:
+                combined = clip * loss_scale
+        for gi, g in enumerate(grads):
+            if combined != 1.0:
+                g.mul_(1.0 / combined)
+            if self.per_param_master:
+                for view, slot in zip(self._opt_params[gi], self._layouts[gi].slots):
+                    view.grad = g[slot.offset : slot.end].view(slot.shape)
+            else:
+                self._opt_params[gi][0].grad = g
+        self.optimizer.step()
+        for ps in self._opt_params:
+            for p in ps:
+                p.grad = None
+        self._refresh_params()
+        self._clear_grads()
+        return StepResult(overflow=False, grad_norm=norm)
+
+    def _clear_grads(self) -> None:
+        for buf in self.grad_full + self.grad_shard:
+            if buf is not None:
+                buf.zero_()
+        self._first_micro = True
+
+    def zero_grad(self) -> None:
+        self._clear_grads()
+        for ps in self.params:
+            for p in ps:
+                p.grad = None
+
+    def _refresh_params(self) -> None:
+        """Copy the updated master shard into the model-dtype buffer and all-gather the pieces."""
+        for gi, layout in enumerate(self._layouts):
+            flat, master = self.flat[gi], self.master[gi]
+            if master is flat:
+                continue
+            for b, view in zip(layout.buckets, layout.shard_views(flat, self.part)):
+                view.copy_(master[b.shard_offset : b.shard_offset + view.numel()])
+            if self.parts > 1:
+                self._allgather(layout, flat)
+
+    def _allgather(self, layout: GroupLayout, flat: torch.Tensor) -> None:
+        works = []
+        for b in layout.buckets:
+            size = layout.piece_size(b)
+            if not self.allgather_partitions:
+                for r in range(self.parts):
+                    lo, hi = layout.piece_range(b, r)
+                    src = comm.get_global_rank(self.group, r) if self.group is not None else r
+                    works.append(comm.broadcast(flat[lo:hi], src, group=self.group, async_op=True))
+                continue
+            # at most allgather_bucket_size elements per call: split the pieces into chunks
+            step = max(1, self.allgather_bucket_size // self.parts)
+            for c in range(0, size, step):
+                n = min(step, size - c)
+                if n == size:
+                    out = flat[b.start : b.end]
+                    works.append(comm.all_gather_into_tensor(out, out[self.part * size : (self.part + 1) * size],
+                                                             group=self.group, async_op=True))
+                else:
+                    outs = [flat[b.start + r * size + c : b.start + r * size + c + n] for r in range(self.parts)]
+                    works.append(comm.all_gather(outs, outs[self.part].clone(), group=self.group, async_op=True))
+        for w in works:
+            if w is not None:
+                w.wait()
+
+    # -- parameters ---------------------------------------------------------------------------------
+    def full_fp32_params(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for gi, layout in enumerate(self._layouts):
+            full = torch.zeros(layout.numel, dtype=torch.float32, device=self.device)
+            master = self.master[gi].detach().float().to(self.device)
+            for b in layout.buckets:
+                lo, hi = layout.piece_range(b, self.part)
+                full[lo:hi] = master[b.shard_offset : b.shard_offset + hi - lo]
+            if self.parts > 1:
+                for b in layout.buckets:
+                    chunk = full[b.start : b.end]
+                    size = layout.piece_size(b)
+                    comm.all_gather_into_tensor(chunk, chunk[self.part * size : (self.part + 1) * size].clone(),
+                                                group=self.group)
+            for slot, view in zip(layout.slots, layout.param_views(full)):
+                out[slot.name] = view.cpu().clone()
+        return out
+
+    def sync_master_from_params(self) -> None:
+        for gi, layout in enumerate(self._layouts):
+            if self.master[gi] is not self.flat[gi]:
+                self._gather_pieces(layout, self.flat[gi], self.part, out=self.master[gi])
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def layouts(self) -> list[GroupLayout]:
+        return self._layouts
+
+    def shard_index(self) -> int | None:
+        return self.part if self.rank < self.parts else None
+
+    def _state_tensors(self, gi: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Shard-shaped state tensors and scalar state of group `gi`'s optimizer parameters."""
+        layout = self._layouts[gi]
+        tensors: dict[str, torch.Tensor] = {}
+        scalars: dict[str, Any] = {}
+        for pi, p in enumerate(self._opt_params[gi]):
+            state = self.optimizer.state.get(p, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.numel() == p.numel() and p.numel() > 1:
+                    if self.per_param_master:
+                        slot = layout.slots[pi]
+                        buf = tensors.setdefault(key, torch.zeros(layout.shard_numel, dtype=torch.float32))
+                        buf[slot.offset : slot.end] = value.detach().reshape(-1).float().cpu()
+                    else:
+                        tensors[key] = value.detach().reshape(-1).float().cpu()
+                else:
+                    scalar = value.item() if isinstance(value, torch.Tensor) else value
+                    scalars.setdefault(key, scalar)
+        return tensors, scalars
+
+    def shard_state(self) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+        tensors: dict[str, torch.Tensor] = {}
+        metas = []
+        for gi in range(len(self._layouts)):
+            tensors[f"g{gi}.fp32"] = self.master[gi].detach().float().cpu().clone()
+            state, scalars = self._state_tensors(gi)
+            for key, t in state.items():
+                tensors[f"g{gi}.{key}"] = t.clone()
+            hyper = {k: (list(v) if isinstance(v, tuple) else v)
+                     for k, v in self.optimizer.param_groups[gi].items() if k != "params"}
+            metas.append({"hyperparams": _jsonable(hyper), "scalar_state": _jsonable(scalars),
+                          "state_keys": sorted(state)})
+        return tensors, metas
+
+    def _shard_from_full(self, gi: int, full: dict[str, torch.Tensor], what: str) -> torch.Tensor:
+        layout = self._layouts[gi]
+        out = torch.zeros(layout.shard_numel, dtype=torch.float32)
+        for piece in layout.pieces(self.part):
+            slot = layout.slots[piece.param]
+            tensor = full.get(slot.name)
+            if tensor is None:
+                raise ValueError(f"checkpoint has no '{what}' for parameter '{slot.name}'")
+            if tuple(tensor.shape) != slot.shape:
+                raise ValueError(
+                    f"checkpoint '{what}' of '{slot.name}' has shape {tuple(tensor.shape)}, model has {slot.shape}"
+                )
+            flat = tensor.reshape(-1)
+            out[piece.shard_offset : piece.shard_offset + piece.length] = \
+                flat[piece.param_offset : piece.param_offset + piece.length]
+        return out
+
+    def load_shard_state(self, reader: ShardReader, load_optimizer_states: bool) -> None:
+        if reader.group_count() != len(self._layouts):
+            raise ValueError(f"checkpoint has {reader.group_count()} param groups, this engine has {len(self._layouts)}")
+        for gi, layout in enumerate(self._layouts):
+            names = [s.name for s in layout.slots]
+            saved = reader.param_names(gi)
+            if sorted(saved) != sorted(names):
+                missing = sorted(set(names) - set(saved))
+                extra = sorted(set(saved) - set(names))
+                raise ValueError(
+                    f"param group {gi} does not match the checkpoint: missing from checkpoint {missing[:5]}, "
+                    f"not in model {extra[:5]}"
+                )
+            self.master[gi].copy_(self._shard_from_full(gi, reader.full_tensors(gi, "fp32"), "fp32"))
+            if not load_optimizer_states:
+                continue
+            meta = reader.group_meta(gi)
+            group = self.optimizer.param_groups[gi]
+            for k, v in meta.get("hyperparams", {}).items():
+                if k in group:
+                    group[k] = tuple(v) if isinstance(group[k], tuple) else v
+            for pi, p in enumerate(self._opt_params[gi]):
+                state = self.optimizer.state[p]
+                state.clear()
+                for key in meta.get("state_keys", []):
+                    shard = self._shard_from_full(gi, reader.full_tensors(gi, key), key)
+                    if self.per_param_master:
+                        slot = layout.slots[pi]
+                        value = shard[slot.offset : slot.end].view(slot.shape)
+                    else:
+                        value = shard
+                    state[key] = value.to(device=p.device, dtype=p.dtype).clone()
+                for key, scalar in meta.get("scalar_state", {}).items():
+                    state[key] = _restore_scalar(self.optimizer, key, scalar, p)
+        self._refresh_params()
+        self._clear_grads()
+
+
+def _restore_scalar(optimizer: torch.optim.Optimizer, key: str, value: Any, p: torch.Tensor) -> Any:
+    """torch optimizers keep `step` as a float tensor; ds-kernels' keep an int."""
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad)) and key == "step":
+        return torch.tensor(float(value), dtype=torch.float32)
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    warn_once(f"checkpoint: optimizer value of type {type(value).__name__} saved as its string form")
+    return str(value)
