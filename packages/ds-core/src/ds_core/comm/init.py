@@ -1,6 +1,7 @@
 """`init_distributed`: start torch.distributed from whatever launcher started this process."""
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from datetime import timedelta
@@ -89,6 +90,17 @@ def init_distributed(
         world_size=env.world_size,
         timeout=timeout,
     )
+    atexit.register(_destroy_at_exit)
     if verbose:
         log_dist(f"initialized {backend} process group: world size {env.world_size} (from {env.source})", ranks=[0])
     return env
+
+
+def _destroy_at_exit() -> None:
+    """Tear the group down before interpreter exit: gloo under torch 2.13 can abort a process that
+    exits with its default group still alive ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # at exit there is nobody left to report to
+            pass
