@@ -202,3 +202,24 @@ def test_real_processes_draw_disjoint_shares_equal_to_the_single_process_global_
     assert results[0] == results[1] == expected
     for row in expected:
         assert len(set(row)) == len(row)
+
+
+def test_state_holds_only_plain_values_and_tensors(indexes):
+    """Checkpoint writers that serialize to JSON (tensors as lists) must be able to carry the state."""
+    s = samplers(indexes, 2)[0]
+    draw(s, 5)
+
+    def walk(v):
+        if isinstance(v, dict):
+            return all(isinstance(k, str) and walk(x) for k, x in v.items())
+        if isinstance(v, (list, tuple)):
+            return all(walk(x) for x in v)
+        return v is None or isinstance(v, (bool, int, float, str, torch.Tensor))
+
+    state = s.state_dict()
+    assert walk(state)
+    as_lists = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+    as_lists["segment_start_drawn"] = torch.tensor(as_lists["segment_start_drawn"], dtype=torch.uint8)
+    resumed = samplers(indexes, 2)[0]
+    resumed.load_state_dict(as_lists)
+    assert draw(resumed, 4) == draw(s, 4)

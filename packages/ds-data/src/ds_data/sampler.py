@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import torch
 from ds_core.logging import warn_once
 
 from ds_data.analyzer.index import MetricIndex
@@ -223,7 +224,8 @@ class CurriculumSampler:
             "epoch": self.epoch,
             "segment_counter": self._segment_counter,
             "segment_difficulties": self._seg_difficulties,
-            "segment_start_drawn": np.packbits(self._seg_start_drawn),
+            # a tensor, so torch.save and JSON-tree checkpoint writers both carry it
+            "segment_start_drawn": torch.from_numpy(np.packbits(self._seg_start_drawn)),
             "segment_position": self._pos,
             "schedulers": {name: s.state_dict() for name, s in self.schedulers.items()},
         }

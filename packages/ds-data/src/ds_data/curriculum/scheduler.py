@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 from ds_data.config import CurriculumLegacyConfig, CurriculumMetricConfig
 
 __all__ = ["CurriculumScheduler"]
 
-Number = Union[int, float]  # noqa: UP007  (a runtime alias; must work on Python 3.9)
+Number = int | float
 
 
 class CurriculumScheduler:
