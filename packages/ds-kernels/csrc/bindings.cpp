@@ -80,5 +80,6 @@ PYBIND11_MODULE(_C, m) {
            py::arg("threads"), py::arg("engine"))
       .def_property_readonly("engine", &dsk::AioEngine::engine)
       .def("submit", &dsk::AioEngine::submit, py::call_guard<py::gil_scoped_release>())
-      .def("wait", &dsk::AioEngine::wait, py::call_guard<py::gil_scoped_release>());
+      .def("wait", &dsk::AioEngine::wait, py::call_guard<py::gil_scoped_release>())
+      .def("poll", &dsk::AioEngine::poll, py::call_guard<py::gil_scoped_release>());
 }

@@ -120,6 +120,18 @@ std::pair<int, std::string> AioEngine::wait(int64_t id) {
   return {req->err, req->msg};
 }
 
+bool AioEngine::poll(int64_t id) {
+  std::shared_ptr<AioRequest> req;
+  {
+    std::lock_guard<std::mutex> lock(req_mu_);
+    auto it = requests_.find(id);
+    if (it == requests_.end()) return true;  // already waited
+    req = it->second;
+  }
+  std::lock_guard<std::mutex> lock(req->mu);
+  return req->done;
+}
+
 void AioEngine::push_blocks(std::vector<AioBlock>& blocks) {
   {
     std::lock_guard<std::mutex> lock(mu_);

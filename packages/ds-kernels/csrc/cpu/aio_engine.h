@@ -51,6 +51,7 @@ class AioEngine {
   const std::string& engine() const { return engine_; }
   int64_t submit(bool write, uintptr_t ptr, int64_t nbytes, const std::string& path, int64_t offset);
   std::pair<int, std::string> wait(int64_t id);  // (errno, message); 0 when every block succeeded
+  bool poll(int64_t id);                          // finished (successfully or not), without blocking
 
  private:
   void thread_loop();

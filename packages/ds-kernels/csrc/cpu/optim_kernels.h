@@ -19,16 +19,15 @@ template <> inline void store_out<NoOut>(NoOut*, int64_t, Vec) {}
 template <class O> inline void store_out_lane(O* o, int64_t i, float v) { Lane::store(o + i, v); }
 template <> inline void store_out_lane<NoOut>(NoOut*, int64_t, float) {}
 
-// Splits [0, n) into one slice per thread, slice starts aligned to 64 elements (a cache line of fp32).
+// Runs body(lo, hi) over [0, n) in chunks of 64K elements (256 KiB per fp32 stream), handed out
+// dynamically: a thread that the OS delays (a busy machine) does not hold up the others' share.
+// Chunk starts are multiples of 64 elements, so every chunk but the last is whole SIMD vectors.
 template <class F> inline void parallel_slices(int64_t n, int threads, F body) {
-  threads = imax(1, imin(threads, int((n + 65535) / 65536)));
-#pragma omp parallel num_threads(threads)
-  {
-    int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    int64_t per = ((n + nt - 1) / nt + 63) / 64 * 64;
-    int64_t lo = imin(n, per * t), hi = imin(n, lo + per);
-    if (lo < hi) body(lo, hi);
-  }
+  constexpr int64_t kChunk = 1 << 16;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  threads = imax(1, int(imin<int64_t>(threads, chunks)));
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t c = 0; c < chunks; ++c) body(c * kChunk, imin(n, (c + 1) * kChunk));
 }
 
 template <class G, class O>

@@ -99,57 +99,80 @@ inline void dequantize_any(const DequantArgs& a) {
   }
 }
 
-// dot(x[0:len], w[0:len]) where w are stored integers; four accumulators hide the FMA latency.
-template <int BITS>
-inline float dot_q(const float* x, const void* qrow, int64_t start, int64_t len) {
-  int64_t i = 0;
+// Integer weights of one row to fp32 lanes: W values starting at element j (j a multiple of W).
+template <int BITS> inline Vec load_q(const void* qrow, int64_t j) {
 #if defined(__AVX512F__) || defined(__AVX2__)
-  constexpr int W = Vec::W;
-  Vec acc0 = vset(0.f), acc1 = vset(0.f), acc2 = vset(0.f), acc3 = vset(0.f);
-  auto load = [&](int64_t j) {
-    if constexpr (BITS == 8) return vload_i8(static_cast<const int8_t*>(qrow) + start + j);
-    else return vload_i4(static_cast<const uint8_t*>(qrow) + (start + j) / 2);
-  };
-  for (; i + 4 * W <= len; i += 4 * W) {
-    acc0 = vfma(vload(x + i), load(i), acc0);
-    acc1 = vfma(vload(x + i + W), load(i + W), acc1);
-    acc2 = vfma(vload(x + i + 2 * W), load(i + 2 * W), acc2);
-    acc3 = vfma(vload(x + i + 3 * W), load(i + 3 * W), acc3);
-  }
-  for (; i + W <= len; i += W) acc0 = vfma(vload(x + i), load(i), acc0);
-  float s = vsum((acc0 + acc1) + (acc2 + acc3));
+  if constexpr (BITS == 8) return vload_i8(static_cast<const int8_t*>(qrow) + j);
+  else return vload_i4(static_cast<const uint8_t*>(qrow) + j / 2);
 #else
-  float s = 0.f;
+  return {BITS == 8 ? float(static_cast<const int8_t*>(qrow)[j]) : int4_at(static_cast<const uint8_t*>(qrow), j)};
 #endif
-  for (; i < len; ++i) {
-    float w = BITS == 8 ? float(static_cast<const int8_t*>(qrow)[start + i])
-                        : int4_at(static_cast<const uint8_t*>(qrow), start + i);
-    s += x[i] * w;
-  }
-  return s;
 }
 
-inline float dot_f(const float* x, const float* w, int64_t len) {
-  int64_t i = 0;
-  float s = 0.f;
-#if defined(__AVX512F__) || defined(__AVX2__)
+template <int BITS> inline float q_at(const void* qrow, int64_t j) {
+  return BITS == 8 ? float(static_cast<const int8_t*>(qrow)[j]) : int4_at(static_cast<const uint8_t*>(qrow), j);
+}
+
+// Batch 1-2 (memory-bound): stream each weight row once. Per group, integer-valued products are
+// summed in vector lanes, scaled by the group's scale into a running vector; one horizontal sum per row.
+template <int BITS>
+inline float row_dot_q(const float* x, const void* qrow, const float* sc, const float* zp, const float* xsum,
+                       int64_t groups, int64_t gs) {
   constexpr int W = Vec::W;
-  Vec acc0 = vset(0.f), acc1 = vset(0.f), acc2 = vset(0.f), acc3 = vset(0.f);
-  for (; i + 4 * W <= len; i += 4 * W) {
-    acc0 = vfma(vload(x + i), vload(w + i), acc0);
-    acc1 = vfma(vload(x + i + W), vload(w + i + W), acc1);
-    acc2 = vfma(vload(x + i + 2 * W), vload(w + i + 2 * W), acc2);
-    acc3 = vfma(vload(x + i + 3 * W), vload(w + i + 3 * W), acc3);
+  Vec total = vset(0.f);
+  float scalar = 0.f;
+  const int64_t full = gs / W * W;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t base = g * gs;
+    Vec acc0 = vset(0.f), acc1 = vset(0.f);
+    int64_t i = 0;
+    for (; i + 2 * W <= full; i += 2 * W) {
+      acc0 = vfma(vload(x + base + i), load_q<BITS>(qrow, base + i), acc0);
+      acc1 = vfma(vload(x + base + i + W), load_q<BITS>(qrow, base + i + W), acc1);
+    }
+    for (; i < full; i += W) acc0 = vfma(vload(x + base + i), load_q<BITS>(qrow, base + i), acc0);
+    float tail = 0.f;
+    for (; i < gs; ++i) tail += x[base + i] * q_at<BITS>(qrow, base + i);
+    total = vfma(acc0 + acc1, vset(sc[g]), total);
+    scalar += tail * sc[g];
+    if (zp) scalar += zp[g] * xsum[g];
   }
-  for (; i + W <= len; i += W) acc0 = vfma(vload(x + i), vload(w + i), acc0);
-  s = vsum((acc0 + acc1) + (acc2 + acc3));
-#endif
-  for (; i < len; ++i) s += x[i] * w[i];
-  return s;
+  return vsum(total) + scalar;
 }
 
-// Small batches (memory-bound): stream each weight row once, scaling per-group integer dot products.
-// Larger batches: dequantize a row into an L1-resident fp32 buffer once and reuse it for every x row.
+// Larger batches: dequantize the row once into an L1-resident buffer, then four x rows share each load.
+template <int BITS>
+inline void dequant_row(const void* qrow, const float* sc, const float* zp, int64_t groups, int64_t gs, float* w) {
+  constexpr int W = Vec::W;
+  const int64_t full = gs / W * W;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t base = g * gs;
+    const Vec s = vset(sc[g]), z = vset(zp ? zp[g] : 0.f);
+    int64_t i = 0;
+    for (; i < full; i += W) vstore(w + base + i, vfma(load_q<BITS>(qrow, base + i), s, z));
+    for (; i < gs; ++i) w[base + i] = q_at<BITS>(qrow, base + i) * sc[g] + (zp ? zp[g] : 0.f);
+  }
+}
+
+inline void dot4(const float* x0, const float* x1, const float* x2, const float* x3, const float* w, int64_t k,
+                 float* out) {
+  constexpr int W = Vec::W;
+  Vec a0 = vset(0.f), a1 = vset(0.f), a2 = vset(0.f), a3 = vset(0.f);
+  int64_t i = 0;
+  for (; i + W <= k; i += W) {
+    Vec wv = vload(w + i);
+    a0 = vfma(vload(x0 + i), wv, a0);
+    a1 = vfma(vload(x1 + i), wv, a1);
+    a2 = vfma(vload(x2 + i), wv, a2);
+    a3 = vfma(vload(x3 + i), wv, a3);
+  }
+  float s0 = vsum(a0), s1 = vsum(a1), s2 = vsum(a2), s3 = vsum(a3);
+  for (; i < k; ++i) {
+    s0 += x0[i] * w[i]; s1 += x1[i] * w[i]; s2 += x2[i] * w[i]; s3 += x3[i] * w[i];
+  }
+  out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
+}
+
 template <int BITS>
 void qmatmul_bits(const QMatmulArgs& a) {
   const int64_t gs = a.group_size, groups = a.k / gs;
@@ -167,32 +190,30 @@ void qmatmul_bits(const QMatmulArgs& a) {
 #pragma omp parallel num_threads(imax(1, a.threads))
   {
     Buffer<float> wrow(stream_rows ? 0 : a.k);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 16)
     for (int64_t n = 0; n < a.n; ++n) {
       const uint8_t* qrow = static_cast<const uint8_t*>(a.q) + n * row_stride;
       const float* sc = a.scale + n * groups;
       const float* zp = a.zero_point ? a.zero_point + n * groups : nullptr;
       const float b = a.bias ? a.bias[n] : 0.f;
       if (stream_rows) {
-        for (int64_t r = 0; r < a.m; ++r) {
-          const float* xr = a.x + r * a.k;
-          float acc = 0.f;
-          for (int64_t g = 0; g < groups; ++g) {
-            acc += dot_q<BITS>(xr + g * gs, qrow, g * gs, gs) * sc[g];
-            if (zp) acc += zp[g] * xsum[r * groups + g];
-          }
-          a.out[r * a.n + n] = acc + b;
-        }
-      } else {
-        for (int64_t g = 0; g < groups; ++g) {
-          const float s = sc[g], z = zp ? zp[g] : 0.f;
-          float* wg = wrow.data() + g * gs;
-          for (int64_t i = 0; i < gs; ++i) {
-            float q = BITS == 8 ? float(reinterpret_cast<const int8_t*>(qrow)[g * gs + i]) : int4_at(qrow, g * gs + i);
-            wg[i] = q * s + z;
-          }
-        }
-        for (int64_t r = 0; r < a.m; ++r) a.out[r * a.n + n] = dot_f(a.x + r * a.k, wrow.data(), a.k) + b;
+        for (int64_t r = 0; r < a.m; ++r)
+          a.out[r * a.n + n] = row_dot_q<BITS>(a.x + r * a.k, qrow, sc, zp, zp ? xsum.data() + r * groups : nullptr,
+                                               groups, gs) + b;
+        continue;
+      }
+      dequant_row<BITS>(qrow, sc, zp, groups, gs, wrow.data());
+      int64_t r = 0;
+      float s[4];
+      for (; r + 4 <= a.m; r += 4) {
+        const float* x = a.x + r * a.k;
+        dot4(x, x + a.k, x + 2 * a.k, x + 3 * a.k, wrow.data(), a.k, s);
+        for (int j = 0; j < 4; ++j) a.out[(r + j) * a.n + n] = s[j] + b;
+      }
+      for (; r < a.m; ++r) {
+        const float* x = a.x + r * a.k;
+        dot4(x, x, x, x, wrow.data(), a.k, s);
+        a.out[r * a.n + n] = s[0] + b;
       }
     }
   }

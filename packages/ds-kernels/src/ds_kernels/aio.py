@@ -70,9 +70,9 @@ def _check_tensor(tensor: torch.Tensor, offset: int) -> None:
 class Request:
     """A submitted transfer. `wait()` blocks until every block is done and raises if any failed."""
 
-    def __init__(self, path: str, op: str, nbytes: int, waiter, tensor: torch.Tensor) -> None:
+    def __init__(self, path: str, op: str, nbytes: int, waiter, poller, tensor: torch.Tensor) -> None:
         self.path, self.op, self.nbytes = path, op, nbytes
-        self._waiter = waiter
+        self._waiter, self._poller = waiter, poller
         self._tensor = tensor  # keeps the memory alive while the engine writes into / reads from it
         self._result: Optional[tuple[int, str]] = None
         self._lock = threading.Lock()
@@ -87,7 +87,8 @@ class Request:
             raise OSError(err, f"aio {self.op} of {self.nbytes} bytes failed: {message}", self.path)
 
     def done(self) -> bool:
-        return self._result is not None
+        """True once the transfer has finished (successfully or not); never blocks. wait() reports errors."""
+        return self._result is not None or self._poller()
 
 
 class AsyncIO:
@@ -143,13 +144,14 @@ class AsyncIO:
         _check_tensor(tensor, offset)
         path = os.fspath(path)
         nbytes = tensor.numel() * tensor.element_size()
-        self._pending = [r for r in self._pending if not r.done()]
+        self._pending = [r for r in self._pending if r._result is None]  # drop the ones already waited
         if self._native is not None:
             rid = self._native.submit(op == "write", tensor.data_ptr(), nbytes, path, offset)
-            req = Request(path, op, nbytes, lambda: self._native.wait(rid), tensor)
+            native = self._native
+            req = Request(path, op, nbytes, lambda: native.wait(rid), lambda: native.poll(rid), tensor)
         else:
             fut = self._pool.submit(_python_transfer, op, tensor, path, offset, self.block_size)
-            req = Request(path, op, nbytes, lambda: _future_result(fut), tensor)
+            req = Request(path, op, nbytes, lambda: _future_result(fut), fut.done, tensor)
         self._pending.append(req)
         return req
 
