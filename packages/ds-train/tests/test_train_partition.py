@@ -1,0 +1,46 @@
+"""Shard maps: every element of every parameter belongs to exactly one rank's shard."""
+from __future__ import annotations
+
+import pytest
+import torch
+from ds_train.zero.partition import GroupLayout, build_layout
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("bucket", [1, 7, 100, 10_000])
+def test_pieces_cover_each_parameter_element_once(parts: int, bucket: int) -> None:
+    shapes = [(5, 3), (7,), (1,), (4, 4, 2), (13,)]
+    layout = build_layout([f"p{i}" for i in range(len(shapes))], shapes, parts, bucket)
+    assert layout.numel % parts == 0
+    assert all(b.numel % parts == 0 for b in layout.buckets)
+    hits = [torch.zeros(s.numel, dtype=torch.int32) for s in layout.slots]
+    for rank in range(parts):
+        covered = 0
+        for piece in layout.pieces(rank):
+            hits[piece.param][piece.param_offset : piece.param_offset + piece.length] += 1
+            assert 0 <= piece.shard_offset and piece.shard_offset + piece.length <= layout.shard_numel
+            covered += piece.length
+        assert covered <= layout.shard_numel
+    assert all(bool((h == 1).all()) for h in hits)
+
+
+def test_shard_views_and_param_views_agree() -> None:
+    layout = build_layout(["a", "b", "c"], [(3,), (5,), (4,)], 3, 6)
+    flat = torch.arange(layout.numel, dtype=torch.float32)
+    params = layout.param_views(flat)
+    for rank in range(3):
+        shard = torch.cat(layout.shard_views(flat, rank))
+        for piece in layout.pieces(rank):
+            want = params[piece.param].reshape(-1)[piece.param_offset : piece.param_offset + piece.length]
+            assert torch.equal(shard[piece.shard_offset : piece.shard_offset + piece.length], want)
+
+
+def test_layout_json_round_trip() -> None:
+    layout = build_layout(["a", "b"], [(3, 2), (9,)], 4, 5)
+    again = GroupLayout.from_json(layout.to_json())
+    assert again.slots == layout.slots and again.buckets == layout.buckets and again.numel == layout.numel
+
+
+def test_large_parameter_gets_its_own_bucket() -> None:
+    layout = build_layout(["small", "big", "tail"], [(2,), (50,), (3,)], 2, 10)
+    assert [(b.first_param, b.last_param) for b in layout.buckets] == [(0, 2), (2, 3)]
