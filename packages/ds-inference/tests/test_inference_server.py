@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from ds_inference.pipeline import pipeline
+from ds_inference import pipeline
 from ds_inference.server import start_server
 from ds_inference.serving import SamplingParams
 from ds_inference.testing import tiny_model

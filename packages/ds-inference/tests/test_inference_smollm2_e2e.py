@@ -9,7 +9,7 @@ import os
 import httpx
 import pytest
 import torch
-from ds_inference.pipeline import pipeline
+from ds_inference import pipeline
 from ds_inference.server import start_server
 
 pytestmark = pytest.mark.slow

@@ -8,6 +8,7 @@
 
 from .config import InferenceConfig
 from .engine import InferenceEngine, init_inference
+from .pipeline_api import Pipeline, Response, pipeline
 from .serving import LLMEngine, SamplingParams, ServingConfig
 
 __version__ = "0.1.0"
@@ -16,8 +17,11 @@ __all__ = [
     "InferenceConfig",
     "InferenceEngine",
     "LLMEngine",
+    "Pipeline",
+    "Response",
     "SamplingParams",
     "ServingConfig",
     "init_inference",
+    "pipeline",
     "__version__",
 ]
