@@ -6,6 +6,7 @@ import torch
 from ds_core.config import ConfigError
 from ds_data.analyzer import build_index
 from ds_data.integration import DataEfficiency
+from ds_data.random_ltd import is_random_ltd_layer
 
 
 def full_config(**legacy_over):
@@ -48,7 +49,7 @@ def test_step_hooks_drive_seqlen_random_ltd_and_lr(tiny_model):
     model = tiny_model("gpt2")
     de = DataEfficiency.from_ds_config(full_config(), model=model, train_iters=10)
     assert de.enabled and de.drives_lr and not de.needs_data_sampler
-    assert type(model.transformer.h[1]).__name__ == "RandomLTDLayer"
+    assert is_random_ltd_layer(model.transformer.h[1]) and not is_random_ltd_layer(model.transformer.h[0])
     ids = torch.randint(1, 97, (4, 16))
     seen = []
     for step in range(8):

@@ -13,6 +13,8 @@ from ds_data.random_ltd import (
     convert_to_random_ltd,
     gather_mask,
     gather_tokens,
+    is_random_ltd_layer,
+    revert_random_ltd,
     sample_kept_indices,
     scatter_tokens,
 )
@@ -156,7 +158,7 @@ def test_gradients_reach_dropping_layers_and_dropped_tokens(tiny_model):
     model.train()
     ids = torch.randint(1, 97, (2, 12))
     model(input_ids=ids, labels=ids).loss.backward()
-    assert model.transformer.h[1].layer.attn.c_attn.weight.grad.abs().sum() > 0
+    assert model.transformer.h[1].attn.c_attn.weight.grad.abs().sum() > 0
     assert model.transformer.wte.weight.grad[ids[0]].abs().sum(dim=1).gt(0).all()
 
 
@@ -184,7 +186,7 @@ def test_convert_errors_are_clear(tiny_model):
     with pytest.raises(ValueError, match="no list of 6 identical layers"):
         convert_to_random_ltd(model, [1], 6, RandomLTDState(0, 2))
     convert_to_random_ltd(model, [1], 4, RandomLTDState(0, 2))
-    with pytest.raises(ValueError, match="already wrapped"):
+    with pytest.raises(ValueError, match="already converted"):
         convert_to_random_ltd(model, [1], 4, RandomLTDState(0, 2))
     with pytest.raises(ValueError, match="model_mask_name 'mask'"):
         RandomLTDLayer(torch.nn.Linear(2, 2), RandomLTDState(0, 1), mask_name="mask")
@@ -224,3 +226,19 @@ def test_config_rejects_inconsistent_layers():
         ltd_config(random_ltd_layer_id=[1])
     with pytest.raises(ValueError, match="distinct layer indices"):
         ltd_config(random_ltd_layer_id=[1, 4])
+
+
+def test_conversion_keeps_parameter_names_and_state_dict_keys(tiny_model):
+    model, ref = tiny_model("llama"), tiny_model("llama")
+    state = RandomLTDState(seed=0, keep=3)
+    convert_to_random_ltd(model, [1, 2], 4, state)
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    assert list(model.state_dict()) == list(ref.state_dict())
+    ref.load_state_dict(model.state_dict())  # a checkpoint of the converted model loads into the plain one
+    assert is_random_ltd_layer(model.model.layers[1]) and not is_random_ltd_layer(model.model.layers[0])
+    ids = torch.randint(1, 97, (2, 9))
+    model.train()
+    assert not torch.allclose(model(input_ids=ids).logits, ref.train()(input_ids=ids).logits)
+    revert_random_ltd(model)
+    assert not any(is_random_ltd_layer(m) for m in model.modules())
+    torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits)

@@ -176,7 +176,7 @@ class DataEfficiency:
         self.seqlen_scheduler.set_custom_get_difficulty(fn)
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
-        """Convert the configured layers to random-LTD layers (in place); returns the model."""
+        """Give the configured layers the token-dropping forward (in place; names/state_dict keys unchanged)."""
         if self.random_ltd is None:
             return model
         cfg = self.config.data_routing.random_ltd
@@ -188,7 +188,7 @@ class DataEfficiency:
             mask_name=cfg.model_mask_name,
             hidden_state_order=cfg.hidden_state_order,
         )
-        log_dist(f"random-LTD: wrapped layers {cfg.random_ltd_layer_id} of {cfg.total_layer_num}")
+        log_dist(f"random-LTD: converted layers {cfg.random_ltd_layer_id} of {cfg.total_layer_num}")
         return model
 
     def on_step_begin(self, global_step: int) -> None:

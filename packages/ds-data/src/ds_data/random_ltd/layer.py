@@ -1,6 +1,8 @@
-"""Wrap transformer layers so that, in training, each processes only a random subset of the tokens.
+"""Make transformer layers, in training, process only a random subset of the tokens.
 
-`RandomLTDLayer` sits in place of one layer. In ``train()`` mode with a kept-token count below the
+`RandomLTDLayer` becomes the ``forward`` of one layer instance; the module tree, parameter names
+and ``state_dict`` keys stay exactly those of the plain model, so checkpoints, ``save_pretrained``
+and engines that address parameters by name are unaffected. In ``train()`` mode with a kept-token count below the
 sequence length it picks ``keep`` sorted random positions per sample, gathers the hidden states,
 the attention mask (rows and columns), ``position_ids`` and rotary ``position_embeddings`` at those
 positions, runs the layer on the short sequence, and scatters the result back: dropped tokens skip
@@ -19,7 +21,14 @@ from torch import nn
 
 from ds_data.random_ltd.tokens import gather_mask, gather_tokens, sample_kept_indices, scatter_tokens
 
-__all__ = ["RandomLTDLayer", "RandomLTDState", "convert_to_random_ltd", "find_layer_list"]
+__all__ = [
+    "RandomLTDLayer",
+    "RandomLTDState",
+    "convert_to_random_ltd",
+    "find_layer_list",
+    "is_random_ltd_layer",
+    "revert_random_ltd",
+]
 
 _CACHE_ARGS = ("cache", "layer_past", "past_key_value", "past_key_values")
 
@@ -40,7 +49,9 @@ class RandomLTDState:
         self.generator.set_state(state["generator"])
 
 
-class RandomLTDLayer(nn.Module):
+class RandomLTDLayer:
+    """The token-dropping forward of one layer (installed as ``layer.forward`` by `convert_to_random_ltd`)."""
+
     def __init__(
         self,
         layer: nn.Module,
@@ -48,16 +59,17 @@ class RandomLTDLayer(nn.Module):
         mask_name: str | None = "attention_mask",
         hidden_state_order: str = "batch_seq_dim",
     ) -> None:
-        super().__init__()
         if hidden_state_order not in ("batch_seq_dim", "seq_batch_dim"):
             raise ValueError(
                 f"hidden_state_order must be 'batch_seq_dim' or 'seq_batch_dim', got {hidden_state_order!r}"
             )
         self.layer = layer
+        # the class's forward bound to this instance: what the layer did before conversion
+        self.plain_forward = type(layer).forward.__get__(layer)
         self.ltd_state = state
         self.mask_name = mask_name
         self.seq_first = hidden_state_order == "seq_batch_dim"
-        self._signature = inspect.signature(layer.forward)
+        self._signature = inspect.signature(self.plain_forward)
         params = list(self._signature.parameters)
         if not params:
             raise TypeError(
@@ -74,10 +86,10 @@ class RandomLTDLayer(nn.Module):
                 f"(arguments: {', '.join(params)})"
             )
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         keep = self.ltd_state.keep
-        if not self.training or keep is None:
-            return self.layer(*args, **kwargs)
+        if not self.layer.training or keep is None:
+            return self.plain_forward(*args, **kwargs)
         bound = self._signature.bind(*args, **kwargs)
         arguments = bound.arguments
         hidden = arguments[self._hidden_name]
@@ -85,12 +97,12 @@ class RandomLTDLayer(nn.Module):
             hidden = hidden.transpose(0, 1)
         batch, seqlen = hidden.shape[0], hidden.shape[1]
         if keep >= seqlen:
-            return self.layer(*args, **kwargs)
+            return self.plain_forward(*args, **kwargs)
         idx = sample_kept_indices(batch, seqlen, keep, hidden.device, self.ltd_state.generator)
         short = gather_tokens(hidden, idx)
         arguments[self._hidden_name] = short.transpose(0, 1) if self.seq_first else short
         self._gather_arguments(arguments, idx, seqlen)
-        out = self.layer(*bound.args, **bound.kwargs)
+        out = self.plain_forward(*bound.args, **bound.kwargs)
         first = out[0] if isinstance(out, (tuple, list)) else out
         if self.seq_first:
             first = first.transpose(0, 1)
@@ -153,14 +165,19 @@ def find_layer_list(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleLi
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             found.append((name, module))
-            kinds = {type(m).__name__ for m in module} - {"RandomLTDLayer"}
-            if len(module) == num_layers and len(kinds) <= 1:
+            kinds = {type(m).__name__ for m in module}
+            if len(module) == num_layers and len(kinds) == 1:
                 return name, module
     seen = ", ".join(f"{n or '<root>'} ({len(m)})" for n, m in found) or "none"
     raise ValueError(
         f"random-LTD: no list of {num_layers} identical layers in {type(model).__name__} "
         f"(total_layer_num is {num_layers}; ModuleLists found: {seen})"
     )
+
+
+def is_random_ltd_layer(module: nn.Module) -> bool:
+    """True when `module`'s forward was replaced by `convert_to_random_ltd`."""
+    return isinstance(module.__dict__.get("forward"), RandomLTDLayer)
 
 
 def convert_to_random_ltd(
@@ -171,14 +188,24 @@ def convert_to_random_ltd(
     mask_name: str | None = "attention_mask",
     hidden_state_order: str = "batch_seq_dim",
 ) -> nn.Module:
-    """Wrap layers `layer_ids` of the model's layer stack in place; returns the model."""
+    """Give layers `layer_ids` of the model's layer stack the token-dropping forward (in place)."""
     name, layers = find_layer_list(model, num_layers)
     for i in layer_ids:
         if not 0 <= i < len(layers):
             raise ValueError(f"random_ltd_layer_id {i} is out of range for {name} with {len(layers)} layers")
-        if isinstance(layers[i], RandomLTDLayer):
-            raise ValueError(f"layer {name}[{i}] is already wrapped for random-LTD")
-        layers[i] = RandomLTDLayer(
+        if is_random_ltd_layer(layers[i]):
+            raise ValueError(f"layer {name}[{i}] is already converted to random-LTD")
+    for i in layer_ids:
+        # an instance attribute shadows the class's forward; nn.Module.__call__ (and its hooks) still run
+        layers[i].forward = RandomLTDLayer(
             layers[i], state, mask_name=mask_name, hidden_state_order=hidden_state_order
         )
+    return model
+
+
+def revert_random_ltd(model: nn.Module) -> nn.Module:
+    """Restore the plain forward of every converted layer (in place)."""
+    for module in model.modules():
+        if is_random_ltd_layer(module):
+            del module.forward
     return model
