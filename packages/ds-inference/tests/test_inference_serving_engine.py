@@ -122,3 +122,38 @@ def test_bad_requests_are_rejected_with_clear_errors():
         engine.add_request([500])
     with pytest.raises(Exception, match="max_num_seqz"):
         LLMEngine(tiny_model("gpt2"), config={"max_num_seqz": 3})
+
+
+def _serve_tp_worker(family: str, prompts: list[list[int]], n: int, inject: bool) -> list[list[int]]:
+    from ds_inference import init_inference
+
+    engine = init_inference(
+        tiny_model(family), tensor_parallel={"tp_size": 2}, replace_with_kernel_inject=inject
+    )
+    serving = LLMEngine(
+        engine.module, config={"block_size": 4, "num_blocks": 64, "max_num_batched_tokens": 16}
+    )
+    return [o.token_ids for o in serving.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))]
+
+
+@pytest.mark.parametrize("family,inject", [("llama", True), ("gpt2", False), ("mixtral", False)])
+def test_serving_engine_on_a_tp2_model_equals_transformers_generate(family, inject):
+    from ds_core.testing import run_distributed
+
+    prompts = random_prompts([9, 21, 4])
+    model = tiny_model(family)
+    expected = [reference_greedy(model, p, 8) for p in prompts]
+    for tokens in run_distributed(_serve_tp_worker, 2, family, prompts, 8, inject):
+        assert tokens == expected
+
+
+def test_serving_engine_on_a_kernel_injected_model():
+    from ds_inference import init_inference
+
+    prompts = random_prompts([13, 5])
+    expected = [reference_greedy(tiny_model("qwen2"), p, 8) for p in prompts]
+    engine = init_inference(tiny_model("qwen2"), replace_with_kernel_inject=True)
+    serving = LLMEngine(engine.module, config={"block_size": 4, "num_blocks": 64})
+    assert [
+        o.token_ids for o in serving.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
+    ] == expected

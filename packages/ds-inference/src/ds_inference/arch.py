@@ -84,7 +84,9 @@ class LlamaLikeAdapter(ModelAdapter):
         attn = self.layers[0].self_attn
         self.num_layers = len(self.layers)
         self.head_dim = attn.head_dim
-        self.num_kv_heads = attn.k_proj.out_features // attn.head_dim
+        # kernel injection fuses q/k/v into one `qkv` linear (ds_inference.inject.FusedAttention)
+        kv_width = attn.kv_size if hasattr(attn, "qkv") else attn.k_proj.out_features
+        self.num_kv_heads = kv_width // attn.head_dim
         self._cos = self._sin = None
 
     def sliding_window(self, layer_index: int) -> int | None:
@@ -105,9 +107,11 @@ class LlamaLikeAdapter(ModelAdapter):
         attn = layer.self_attn
         tokens, d = hidden.shape[0], self.head_dim
         h = layer.input_layernorm(hidden)
-        q = attn.q_proj(h).view(tokens, -1, d)
-        k = attn.k_proj(h).view(tokens, -1, d)
-        v = attn.v_proj(h).view(tokens, -1, d)
+        if hasattr(attn, "qkv"):
+            q, k, v = attn.qkv(h).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        else:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        q, k, v = q.view(tokens, -1, d), k.view(tokens, -1, d), v.view(tokens, -1, d)
         q = q * self._cos + _rotate_half(q) * self._sin
         k = k * self._cos + _rotate_half(k) * self._sin
         out = attention(index, q, k, v, attn.scaling)
