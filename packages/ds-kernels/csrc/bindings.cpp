@@ -74,6 +74,12 @@ PYBIND11_MODULE(_C, m) {
     active_table().qmatmul(a);
   });
 
+  m.def("triad", [](uintptr_t a, uintptr_t b, uintptr_t c, float s, int64_t n, int threads) {
+    dsk::TriadArgs t{P<float>(a), P<float>(b), P<float>(c), s, n, threads};
+    py::gil_scoped_release nogil;
+    active_table().triad(t);
+  });
+
   m.def("io_uring_supported", &dsk::io_uring_supported);
   py::class_<dsk::AioEngine>(m, "AioEngine")
       .def(py::init<int64_t, int, int, const std::string&>(), py::arg("block_size"), py::arg("queue_depth"),

@@ -130,3 +130,26 @@ def test_bad_arguments():
         AsyncIO().submit_write(torch.randn(10, 10).t(), "/tmp/never-written.bin")
     with pytest.raises(ValueError, match="offset"):
         AsyncIO().submit_read(torch.empty(4), "/tmp/never-read.bin", offset=-1)
+
+
+def test_read_only_path_raises_permission_error(tmp_path, engine):
+    if os.geteuid() != 0:
+        target = tmp_path / "ro.bin"
+        target.write_bytes(b"x")
+        target.chmod(0o444)
+    else:  # root ignores file modes: use a sysfs file that has no write handler
+        target = "/sys/kernel/notes"
+        if not os.path.exists(target):
+            pytest.skip("no read-only file available to root here")
+    with pytest.raises(PermissionError) as info:
+        AsyncIO(engine=engine).submit_write(torch.ones(10), target).wait()
+    assert str(target) in str(info.value)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/version"), reason="needs procfs")
+def test_error_inside_write_is_reported(engine):
+    """Opening /proc/version for writing succeeds but every write fails (EIO through io_uring, ESPIPE
+    through pwrite), like a device error after open: the errno and the file reach the caller."""
+    with pytest.raises(OSError) as info:
+        AsyncIO(engine=engine).submit_write(torch.ones(10), "/proc/version").wait()
+    assert info.value.errno in (errno.EIO, errno.ESPIPE) and info.value.filename == "/proc/version"

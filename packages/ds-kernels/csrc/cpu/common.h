@@ -51,6 +51,10 @@ struct QMatmulArgs {
   int threads;
 };
 
+struct TriadArgs {  // a = b + s * c: the memory-bandwidth yardstick for the benchmarks
+  float* a; const float* b; const float* c; float s; int64_t n; int threads;
+};
+
 struct KernelTable {
   const char* name;
   void (*adam)(const AdamArgs&);
@@ -59,6 +63,7 @@ struct KernelTable {
   void (*quantize)(const QuantArgs&);
   void (*dequantize)(const DequantArgs&);
   void (*qmatmul)(const QMatmulArgs&);
+  void (*triad)(const TriadArgs&);
 };
 
 const KernelTable& table_scalar();

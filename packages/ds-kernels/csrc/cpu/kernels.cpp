@@ -22,7 +22,7 @@ void lion_entry(const LionArgs& a) { dispatch_types<LionK>(a); }
 const KernelTable& DSK_CAT(table_, DSK_ISA)() {
   static const KernelTable table{DSK_STR(DSK_ISA), DSK_ISA::adam_entry, DSK_ISA::adagrad_entry,
                                  DSK_ISA::lion_entry, DSK_ISA::quantize_any, DSK_ISA::dequantize_any,
-                                 DSK_ISA::qmatmul_any};
+                                 DSK_ISA::qmatmul_any, DSK_ISA::triad};
   return table;
 }
 }  // namespace dsk

@@ -121,6 +121,16 @@ void lion_typed(const LionArgs& a) {
   });
 }
 
+// STREAM triad with the same chunking and threads as the optimizers, to measure the bandwidth bound.
+inline void triad(const TriadArgs& a) {
+  parallel_slices(a.n, a.threads, [&](int64_t lo, int64_t hi) {
+    const Vec s = vset(a.s);
+    int64_t i = lo;
+    for (; i + Vec::W <= hi; i += Vec::W) vstore(a.a + i, vfma(s, vload(a.c + i), vload(a.b + i)));
+    for (; i < hi; ++i) a.a[i] = a.b[i] + a.s * a.c[i];
+  });
+}
+
 // Expands the (grad dtype, out dtype) pair into the typed instantiation.
 template <template <class, class> class K, class Args>
 void dispatch_types(const Args& a) {
