@@ -7,7 +7,7 @@ chunk i+1 computes. Only the buffers are resident (3 x 4 bytes x chunk x buffer_
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -70,8 +70,12 @@ class NvmeOptimizerSwapper:
             self.folder.wait(self.folder.read(out, self._name(group, key), 0))
         return out
 
-    def init_group(self, group: int, master: torch.Tensor) -> None:
-        self.write_full(group, "fp32", master)
+    def init_group(self, group: int, master: Optional[torch.Tensor]) -> None:
+        """Zero moments; the master shard too unless given (the caller then writes it with write_range)."""
+        if master is not None:
+            self.write_full(group, "fp32", master)
+        else:
+            self._fill_zeros(group, "fp32")
         for key in ("exp_avg", "exp_avg_sq"):
             self._fill_zeros(group, key)
         self.steps[group] = 0
@@ -83,9 +87,9 @@ class NvmeOptimizerSwapper:
             self.folder.wait(self.folder.write(buf[:n], self._name(group, key), start * 4))
 
     # -- the update -----------------------------------------------------------------------------------
-    def step(self, group: int, grad: torch.Tensor, hyper: dict[str, Any], adamw: bool,
+    def step(self, group: int, grad: torch.Tensor, scale: float, hyper: dict[str, Any], adamw: bool,
              write_lowp: Callable[[int, torch.Tensor], None]) -> None:
-        """One Adam(W) step of group `group` with fp32 `grad` (its whole shard, already unscaled/clipped).
+        """One Adam(W) step of group `group` with gradient `grad` x `scale` (its whole shard, any float dtype).
 
         `write_lowp(offset, fp32_chunk)` receives each updated master chunk (to refresh the model-dtype shard).
         """
@@ -107,7 +111,11 @@ class NvmeOptimizerSwapper:
                 self.folder.wait(req)
             bufs.reads = []
             p, m, v = (bufs.tensors[k][:n] for k in STATE_KEYS)
-            cpu_adam_step(p, grad[start : start + n], m, v, step=step, lr=hyper["lr"], beta1=hyper["betas"][0],
+            g = grad[start : start + n].float()  # one chunk in fp32 at a time, never the whole shard
+            if scale != 1.0:
+                g = g.mul_(scale) if g.data_ptr() != grad.data_ptr() or grad.dtype != torch.float32 \
+                    else g * scale
+            cpu_adam_step(p, g, m, v, step=step, lr=hyper["lr"], beta1=hyper["betas"][0],
                           beta2=hyper["betas"][1], eps=hyper["eps"], weight_decay=hyper["weight_decay"],
                           adamw_mode=adamw, bias_correction=hyper.get("bias_correction", True))
             write_lowp(start, p)

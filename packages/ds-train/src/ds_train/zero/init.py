@@ -60,7 +60,12 @@ class Init:
         self.group = data_parallel_group
         self.enabled = enabled
         self.pin_memory = pin_memory
-        self.dtype = dtype or _config_dtype(config_dict_or_path if config_dict_or_path is not None else config)
+        source = config_dict_or_path if config_dict_or_path is not None else config
+        self.dtype = dtype or _config_dtype(source)
+        if _offloads_to_nvme(source):
+            from ds_train.offload.swap_folder import return_freed_buffers_to_os
+
+            return_freed_buffers_to_os()  # the pieces of a huge model must not leave heap garbage behind
         self._patched: list[tuple[type, Any]] = []
         if module is not None and enabled:
             self.partition_module(module)
@@ -142,6 +147,15 @@ def _all_module_classes() -> list[type]:
         out.append(cls)
         stack.extend(cls.__subclasses__())
     return out
+
+
+def _offloads_to_nvme(config: Any) -> bool:
+    if config is None:
+        return False
+    from ds_train.config import load_train_config
+
+    zc = load_train_config(config).zero_optimization
+    return zc.offload_param is not None and zc.offload_param.device == "nvme"
 
 
 def _config_dtype(config: Any) -> Optional[torch.dtype]:

@@ -169,6 +169,18 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
         # -- fp32 master shard and optimizer -----------------------------------------------------------
         self.master: list[Optional[torch.Tensor]] = []
         host_master = opts.offload_optimizer in ("cpu", "nvme")
+        if opts.offload_optimizer == "nvme":
+            from ds_train.offload.nvme_optimizer import NvmeOptimizerSwapper
+
+            chunk = min(opts.sub_group_size, max(sizes, default=1))
+            self.nvme_optimizer = NvmeOptimizerSwapper(self.swap_folder, sizes, chunk, opts.optimizer_buffer_count)
+            for gi, shards in enumerate(initial):  # piece by piece: the fp32 shard never exists whole here
+                self.nvme_optimizer.init_group(gi, None)
+                for si, shard in enumerate(shards):
+                    offset = self._layouts[gi].buckets[si].shard_offset
+                    self.nvme_optimizer.write_range(gi, "fp32", offset, shard.float())
+                    shards[si] = None
+            initial = []
         for gi, shards in enumerate(initial):
             flat = self.tier.flat(gi)
             if flat is not None and dtype == torch.float32 and not host_master:
@@ -182,16 +194,9 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
                 master = get_accelerator().pin_memory(master)
             self.master.append(master)
         del initial
-        if opts.offload_optimizer == "nvme":
-            from ds_train.offload.nvme_optimizer import NvmeOptimizerSwapper
-
-            chunk = min(opts.sub_group_size, max(sizes, default=1))
-            self.nvme_optimizer = NvmeOptimizerSwapper(self.swap_folder, sizes, chunk, opts.optimizer_buffer_count)
-            for gi in range(len(sizes)):
-                self.nvme_optimizer.init_group(gi, self.master[gi])
-            placeholders = [torch.zeros(0) for _ in sizes]  # hyperparameters only: the state is on disk
+        if self.nvme_optimizer is not None:
+            opt_params = [torch.zeros(0) for _ in sizes]  # hyperparameters only: the state is on disk
             self.master = [None for _ in sizes]
-            opt_params = placeholders
         else:
             opt_params = self.master
         groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [opt_params[gi]]}
@@ -296,7 +301,8 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
         return value
 
     def step(self, loss_scale: float, clip_norm: float, check_overflow: bool) -> StepResult:
-        grads = [g.float() if g.dtype != torch.float32 else g for g in self.grad_shards]
+        streamed = self.nvme_optimizer is not None  # NVMe: chunks are cast to fp32 one at a time
+        grads = [g if streamed or g.dtype == torch.float32 else g.float() for g in self.grad_shards]
         if check_overflow:
             bad = torch.zeros(1, dtype=torch.float32, device=self.device)
             for g in grads:
@@ -307,7 +313,8 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
                 return StepResult(overflow=True, grad_norm=None)
         sumsq = torch.zeros(1, dtype=torch.float32, device=self.device)
         for g in grads:
-            sumsq += torch.linalg.vector_norm(g).square().to(self.device)
+            for c in range(0, g.numel(), 1 << 22):  # in chunks: no whole fp32 copy of a low-precision shard
+                sumsq += torch.linalg.vector_norm(g[c : c + (1 << 22)], dtype=torch.float32).square().to(self.device)
         norm = float(self._all_ranks(sumsq, comm.ReduceOp.SUM).sqrt().item()) / loss_scale
         combined = loss_scale
         if clip_norm > 0:
@@ -315,21 +322,22 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
             if clip > 1:
                 combined = clip * loss_scale
         for gi, g in enumerate(grads):
-            if g is self.grad_shards[gi]:
-                g = g.clone() if combined != 1.0 else g
+            if streamed:
+                self._update_group(gi, g, 1.0 / combined)
+                continue
             if combined != 1.0:
-                g.mul_(1.0 / combined)
+                g.mul_(1.0 / combined)  # in place: the shard is cleared after the step anyway
             self._update_group(gi, g)
         self._refresh_persistent()
         self.reducer.clear()
         return StepResult(overflow=False, grad_norm=norm)
 
-    def _update_group(self, gi: int, grad: torch.Tensor) -> None:
+    def _update_group(self, gi: int, grad: torch.Tensor, scale: float = 1.0) -> None:
         if self.nvme_optimizer is not None:
             from ds_train.offload.nvme_optimizer import adam_hyper
 
             hyper, adamw = adam_hyper(self.optimizer, gi)
-            self.nvme_optimizer.step(gi, grad.to("cpu"), hyper, adamw,
+            self.nvme_optimizer.step(gi, grad.to("cpu"), scale, hyper, adamw,
                                      lambda offset, chunk: self.tier.write_group(gi, offset, chunk))
             return
         master = self.master[gi]

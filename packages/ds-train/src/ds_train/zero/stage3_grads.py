@@ -37,8 +37,7 @@ class GradReducer:
 
     def __init__(self, recs: list[Stage3Param], grad_shards: list[torch.Tensor], *, bucket_size: int,
                  comm_dtype: torch.dtype, group: Any, overlap: bool,
-                 predivide: float = 1.0, prescale: bool = False,
-                 on_reduced: Optional[Callable[[Stage3Param], None]] = None) -> None:
+                 predivide: float = 1.0, prescale: bool = False) -> None:
         self.group = group
         self.parts = comm.get_world_size(group) if comm.is_initialized() else 1
         self.grad_shards = grad_shards
@@ -58,7 +57,6 @@ class GradReducer:
             self.buckets.append(_Bucket(current))
         self.bucket_of = {id(r): b for b in self.buckets for r in b.recs}
         self.first_micro = True
-        self.on_reduced = on_reduced
         self.reset()
 
     def reset(self) -> None:
@@ -128,6 +126,11 @@ class GradReducer:
 
         if self.overlap and work is not None:
             self.pending.append((work, finish))
+            # at most two buckets in flight: their staging buffers are the memory of this overlap
+            while len(self.pending) > 2:
+                old_work, old_finish = self.pending.pop(0)
+                old_work.wait()
+                old_finish()
         else:
             finish()
 

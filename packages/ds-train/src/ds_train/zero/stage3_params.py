@@ -128,9 +128,17 @@ class ParamGatherer:
         self.rank = comm.get_rank(group) if comm.is_initialized() else 0
         self.live_numel = 0  # elements of non-persistent parameters currently whole (or in flight)
         self.by_storage: dict[int, Stage3Param] = {}  # data_ptr of a whole buffer -> record
+        self.busy = 0  # > 0 while this class runs tensor ops of its own (the gather-on-use mode skips them)
 
     def gather(self, recs: list[Stage3Param], async_op: bool = False) -> Optional[PendingGather]:
         """Start (or finish, when not async) gathering `recs`; already whole/in-flight ones are skipped."""
+        self.busy += 1
+        try:
+            return self._gather(recs, async_op)
+        finally:
+            self.busy -= 1
+
+    def _gather(self, recs: list[Stage3Param], async_op: bool) -> Optional[PendingGather]:
         todo = [r for r in recs if r.status == RELEASED]
         if not todo:
             if not async_op:
@@ -160,6 +168,13 @@ class ParamGatherer:
         return pending
 
     def wait(self, recs: list[Stage3Param]) -> None:
+        self.busy += 1
+        try:
+            self._wait(recs)
+        finally:
+            self.busy -= 1
+
+    def _wait(self, recs: list[Stage3Param]) -> None:
         for r in recs:
             if r.status == INFLIGHT:
                 r.pending.wait()
@@ -176,6 +191,13 @@ class ParamGatherer:
         """Drop the whole tensor of `rec` (persistent ones stay unless `force`)."""
         if rec.persistent and not force:
             return
+        self.busy += 1
+        try:
+            self._release(rec)
+        finally:
+            self.busy -= 1
+
+    def _release(self, rec: Stage3Param) -> None:
         if rec.status == INFLIGHT:
             rec.pending.wait()
         if rec.status == RELEASED:

@@ -264,6 +264,8 @@ class _GatherOnUse(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
+        if self.coordinator.gatherer.busy:  # the gatherer's own ops (e.g. setting param.data)
+            return func(*args, **kwargs)
         for a in args:
             self._check(a)
         for a in kwargs.values():

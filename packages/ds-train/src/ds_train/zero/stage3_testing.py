@@ -186,3 +186,30 @@ def swap_dir(base: str, name: str) -> str:
     path = os.path.join(base, name)
     os.makedirs(path, exist_ok=True)
     return path
+
+
+class WideMLP(torch.nn.Module):
+    """`depth` square layers of `width`: big enough for memory measurements, trivial to run."""
+
+    def __init__(self, width: int = 1024, depth: int = 24) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + torch.tanh(layer(x))
+        return x
+
+
+def peak_rss_reset() -> None:
+    """Reset this process's peak resident set (Linux /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
