@@ -17,6 +17,11 @@ the same `ds_data.integration.DataEfficiency` hooks; the JSON says which.
 
     .venv/bin/python tools/bench/bench_data_efficiency.py            # ~10 min on 2 idle cores
     .venv/bin/python tools/bench/bench_data_efficiency.py --steps 40 --seeds 1   # smoke run
+    .venv/bin/python tools/bench/bench_data_efficiency.py --mode analyzer        # index memory cap
+
+``--mode analyzer`` builds one metric index of `--analyzer-samples` values twice, under a memory cap
+and in memory, and reports numpy's peak traced allocation of each (memmapped files excluded), their
+ratio, and whether the files are identical.
 """
 
 from __future__ import annotations
@@ -215,6 +220,62 @@ def pick_trainer(requested: str, args) -> tuple[str, str]:
         return "torch", f"ds_train.initialize failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
 
+def bench_analyzer(args) -> None:
+    import tempfile
+    import tracemalloc
+
+    from ds_data.analyzer import build_index
+
+    with tempfile.TemporaryDirectory() as tmp:
+        n = args.analyzer_samples
+        values = np.lib.format.open_memmap(f"{tmp}/values.npy", mode="w+", dtype=np.int64, shape=(n,))
+        values[:] = np.random.default_rng(0).integers(0, 4096, size=n)
+        values.flush()
+        cap = int(args.analyzer_cap_mb * 2**20)
+        res = {}
+        for name, limit in (("capped", cap), ("in_memory", None)):
+            tracemalloc.start()
+            t0 = time.perf_counter()
+            stats = build_index(values, f"{tmp}/{name}", name, memory_limit_bytes=limit)
+            res[name] = {
+                "peak_bytes": tracemalloc.get_traced_memory()[1],
+                "seconds": round(time.perf_counter() - t0, 3),
+                "sort_runs": stats["runs"],
+            }
+            tracemalloc.stop()
+            log(f"analyzer index {name}: {res[name]}")
+        same = all(
+            np.array_equal(
+                np.load(f"{tmp}/capped/{f}", mmap_mode="r"), np.load(f"{tmp}/in_memory/{f}", mmap_mode="r")
+            )
+            for f in (
+                "sample_to_metric.npy",
+                "index_to_sample.npy",
+                "index_to_metric.npy",
+                "index_offsets.npy",
+            )
+        )
+    print(
+        json.dumps(
+            {
+                "bench": "data_analyzer_index_memory",
+                "samples": n,
+                "data_bytes": n * 16,
+                "cap_bytes": cap,
+                "capped": res["capped"],
+                "in_memory": res["in_memory"],
+                "identical_files": same,
+                "ratio_peak_capped_vs_in_memory": round(
+                    res["capped"]["peak_bytes"] / res["in_memory"]["peak_bytes"], 4
+                ),
+                "ratio_time_capped_vs_in_memory": round(
+                    res["capped"]["seconds"] / res["in_memory"]["seconds"], 3
+                ),
+            }
+        )
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=250, help="baseline optimizer steps (sets the token budget)")
@@ -230,12 +291,23 @@ def main() -> None:
     p.add_argument("--ltd-min", type=int, default=32)
     p.add_argument("--ltd-frac", type=float, default=0.7, help="random-LTD schedule length / baseline steps")
     p.add_argument("--val-seqs", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; 1 is fastest on a shared, oversubscribed machine",
+    )
     p.add_argument("--arms", default="baseline,seqlen_curriculum,random_ltd")
     p.add_argument("--trainer", choices=["auto", "ds_train", "torch"], default="auto")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "ds_bench"))
+    p.add_argument("--mode", choices=["train", "analyzer"], default="train")
+    p.add_argument("--analyzer-samples", type=int, default=4_000_000)
+    p.add_argument("--analyzer-cap-mb", type=float, default=8.0)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.mode == "analyzer":
+        bench_analyzer(args)
+        return
     arms = args.arms.split(",")
     train = tokenize(ROOT / "data" / "corpus" / "python_docs_train.txt", Path(args.cache_dir))
     val_ids = tokenize(ROOT / "data" / "corpus" / "python_docs_valid.txt", Path(args.cache_dir))

@@ -130,3 +130,24 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         build_index(np.array([1.0, np.nan]), tmp_path / "nan", "nan")
     with pytest.raises(TypeError, match="integer token ids"):
         DataAnalyzer([np.array([0.5, 1.5])], ["seqlen"], tmp_path / "c").run()
+
+
+def test_capped_index_build_stays_under_the_cap(tmp_path):
+    """numpy reports its allocations to tracemalloc; memmapped files (page cache) do not count."""
+    import tracemalloc
+
+    n = 400_000  # 6.4 MB of (value, id) pairs
+    values = np.lib.format.open_memmap(tmp_path / "values.npy", mode="w+", dtype=np.int64, shape=(n,))
+    values[:] = np.random.default_rng(0).integers(0, 1000, size=n)
+    values.flush()
+    cap = 1 << 20
+    peaks = {}
+    for name, limit in (("capped", cap), ("in_memory", None)):
+        tracemalloc.start()
+        build_index(values, tmp_path / name, name, memory_limit_bytes=limit)
+        peaks[name] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks["capped"] < 2 * cap, peaks
+    assert peaks["in_memory"] > 4 * cap, peaks  # the control: without a cap the sort holds everything
+    for f in ("index_to_sample.npy", "index_offsets.npy", "index_to_metric.npy"):
+        assert np.array_equal(np.load(tmp_path / "capped" / f), np.load(tmp_path / "in_memory" / f))

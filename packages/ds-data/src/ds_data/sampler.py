@@ -30,6 +30,7 @@ from ds_data.curriculum.scheduler import CurriculumScheduler
 __all__ = ["CurriculumSampler"]
 
 _STATE_VERSION = 1
+_READ_CHUNK = 1 << 22
 
 
 class CurriculumSampler:
@@ -147,7 +148,8 @@ class CurriculumSampler:
                 else index.count_up_to_percentile(d)
             )
             inside = np.zeros(self.num_samples, dtype=bool)
-            inside[np.asarray(index.index_to_sample[:count])] = True
+            for start in range(0, count, _READ_CHUNK):  # read the memmap in pieces, not 8 bytes x N at once
+                inside[np.asarray(index.index_to_sample[start : min(count, start + _READ_CHUNK)])] = True
             mask &= inside
         self._window_cache = (dict(difficulties), mask)
         return mask
