@@ -196,3 +196,31 @@ def test_metric_curriculum_builds_a_checkpointable_sampler(tmp_path):
     de2.load_state_dict(state)
     it2 = iter(torch.utils.data.DataLoader(list(range(100)), batch_sampler=de2.sampler))
     assert [next(it2).tolist() for _ in range(5)] == rest
+
+
+def test_data_loader_uses_num_workers_and_parent_switch_off_disables(tmp_path):
+    build_index(np.arange(40) % 4, tmp_path / "d", "d")
+    metric = {
+        "index_to_sample_path": str(tmp_path / "d"),
+        "min_difficulty": 3,
+        "max_difficulty": 3,
+        "schedule_type": "fixed_linear",
+        "schedule_config": {"total_curriculum_step": 2, "difficulty_step": 1},
+    }
+    cfg = {
+        "data_efficiency": {
+            "enabled": True,
+            "data_sampling": {
+                "enabled": True,
+                "num_workers": 1,
+                "num_epochs": 1,
+                "curriculum_learning": {"enabled": True, "curriculum_metrics": {"d": metric}},
+            },
+        }
+    }
+    loader = DataEfficiency.from_ds_config(cfg).build_data_loader(list(range(40)), micro_batch_size=5)
+    assert loader.num_workers == 1
+    assert sorted(torch.cat(list(loader)).tolist()) == list(range(40))  # one epoch, everything once
+    cfg["data_efficiency"]["data_sampling"]["enabled"] = False
+    de = DataEfficiency.from_ds_config(cfg)  # a one-time warning names the switch
+    assert not de.enabled and not de.needs_data_sampler

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ds_core.config import ConfigError, DSConfigModel, load_config_source, parse_config
-from ds_core.logging import log_dist
+from ds_core.logging import log_dist, warn_once
 from pydantic import Field
 from torch import nn
 
@@ -60,6 +60,7 @@ class DataEfficiency:
         self.token_lr: LayerTokenLR | None = None
         self.sampler = None
         self.global_step = -1
+        self._warn_switched_off()
         self._setup_seqlen()
         if self.config.random_ltd_enabled:
             self._setup_random_ltd(global_batch_size, train_iters, data_parallel_rank)
@@ -96,6 +97,22 @@ class DataEfficiency:
         if model is not None:
             obj.wrap_model(model)
         return obj
+
+    def _warn_switched_off(self) -> None:
+        """A feature enabled under a disabled parent switch is off (as in DeepSpeed); say so once."""
+        cfg = self.config
+        rl = cfg.data_routing.random_ltd
+        cl = cfg.data_sampling.curriculum_learning
+        if rl is not None and rl.enabled and not cfg.random_ltd_enabled:
+            off = "data_efficiency.enabled" if not cfg.enabled else "data_efficiency.data_routing.enabled"
+            warn_once(
+                f"data_efficiency.data_routing.random_ltd.enabled is true but {off} is false: random-LTD is off"
+            )
+        if cl.enabled and not cfg.curriculum_enabled:
+            off = "data_efficiency.enabled" if not cfg.enabled else "data_efficiency.data_sampling.enabled"
+            warn_once(
+                f"data_efficiency.data_sampling.curriculum_learning.enabled is true but {off} is false: it is off"
+            )
 
     def _setup_seqlen(self) -> None:
         seqlen_metrics = {}
@@ -242,6 +259,30 @@ class DataEfficiency:
             gradient_accumulation_steps=gradient_accumulation_steps,
         )
         return self.sampler
+
+    def build_data_loader(
+        self,
+        dataset: Any,
+        micro_batch_size: int,
+        data_parallel_rank: int = 0,
+        data_parallel_size: int = 1,
+        gradient_accumulation_steps: int = 1,
+        collate_fn: Any = None,
+        pin_memory: bool = False,
+    ):
+        """A DataLoader over `dataset` driven by `build_data_sampler`, with ``data_sampling.num_workers`` workers."""
+        import torch.utils.data
+
+        sampler = self.build_data_sampler(
+            micro_batch_size, data_parallel_rank, data_parallel_size, gradient_accumulation_steps
+        )
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=self.config.data_sampling.num_workers,
+            collate_fn=collate_fn,
+            pin_memory=pin_memory,
+        )
 
     # -- checkpoint ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -139,6 +139,11 @@ class RandomLTDLayer:
         if name == "cache_position":
             return None  # only indexes a KV cache, which training does not use
         if name == self.mask_name or name == "attention_mask":
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(
+                    f"random-LTD cuts tensor attention masks; '{name}' is a {type(value).__name__} (flex/flash "
+                    "attention?). Load the model with attn_implementation='sdpa' or 'eager'"
+                )
             return gather_mask(value, idx)
         if name == "position_ids":
             return gather_tokens(value, idx)
