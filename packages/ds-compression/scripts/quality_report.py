@@ -58,7 +58,7 @@ def lm_report(args: argparse.Namespace) -> list[dict]:
     base = AutoModelForCausalLM.from_pretrained(str(d), gguf_file=gguf, dtype=torch.float32).eval()
     base.config.use_cache = False
     ids = text_token_ids(VALID, tok, max_tokens=args.tokens)
-    calib = calibration_batches(TRAIN, tok, num_samples=args.calib_samples, seq_len=256, batch_size=4)
+    calib = calibration_batches(TRAIN, tok, num_samples=args.calib_samples, seq_len=args.calib_seq_len, batch_size=4)
     rows = []
 
     def add(name: str, model: torch.nn.Module, seconds: float) -> None:
@@ -73,10 +73,10 @@ def lm_report(args: argparse.Namespace) -> list[dict]:
     variants = [
         ("INT8 W8A8 (per-row weights, token-wise acts)", lambda: quantize(base, weight_bits=8, act_bits=8)),
         ("INT8 weight-only per-row", lambda: quantize(base, weight_bits=8)),
-        ("INT4 weight-only g128 RTN (symmetric)", lambda: quantize(base, weight_bits=4, group_size=128)),
-        ("INT4 weight-only g128 RTN (asymmetric)", lambda: quantize(base, weight_bits=4, group_size=128, symmetric=False)),
-        (f"INT4 g128 + LKD ({args.lkd_steps} steps/block, symmetric)",
-         lambda: quantize(base, weight_bits=4, group_size=128, lkd=True, calib_batches=calib,
+        (f"INT4 weight-only g{args.group_size} RTN (symmetric)", lambda: quantize(base, weight_bits=4, group_size=args.group_size)),
+        (f"INT4 weight-only g{args.group_size} RTN (asymmetric)", lambda: quantize(base, weight_bits=4, group_size=args.group_size, symmetric=False)),
+        (f"INT4 g{args.group_size} + LKD ({args.lkd_steps} steps/block, symmetric)",
+         lambda: quantize(base, weight_bits=4, group_size=args.group_size, lkd=True, calib_batches=calib,
                           lkd_steps=args.lkd_steps, lkd_lr=args.lkd_lr)),
         ("50% unstructured (magnitude)", lambda: prune_magnitude(base, sparsity_ratio=0.5)),
         ("2:4 semi-structured", lambda: prune_n_m(base)),
@@ -164,6 +164,9 @@ def main() -> None:
     p.add_argument("--out", default="quality.json")
     p.add_argument("--tokens", type=int, default=16384, help="held-out tokens for perplexity")
     p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--group-size", type=int, default=64,
+                   help="INT4 group size; SmolLM2's hidden size 576 is not a multiple of 128, so 64 is the default")
     p.add_argument("--lkd-steps", type=int, default=60)
     p.add_argument("--lkd-lr", type=float, default=2e-5)
     p.add_argument("--kd-steps", type=int, default=300)
