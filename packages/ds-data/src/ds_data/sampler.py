@@ -82,6 +82,7 @@ class CurriculumSampler:
         self._order = np.empty(0, dtype=np.int64)
         self._pos = 0
         self._window_cache: tuple[dict[str, float], np.ndarray] | None = None
+        self._window_size = -1
 
     @classmethod
     def from_config(
@@ -152,6 +153,7 @@ class CurriculumSampler:
                 inside[np.asarray(index.index_to_sample[start : min(count, start + _READ_CHUNK)])] = True
             mask &= inside
         self._window_cache = (dict(difficulties), mask)
+        self._window_size = int(mask.sum())  # counted once per window, not once per step
         return mask
 
     def current_difficulties(self) -> dict[str, float]:
@@ -180,8 +182,7 @@ class CurriculumSampler:
         difficulties = self._difficulties(self.curriculum_step)
         if difficulties != self._seg_difficulties:
             self._start_segment(difficulties)
-        window_size = int(self.window(difficulties).sum())
-        if window_size == 0:
+        if self._window_size == 0:
             raise RuntimeError(
                 f"the curriculum window is empty at step {self.curriculum_step} (difficulties {difficulties}): no sample "
                 "is that easy; raise min_difficulty"
