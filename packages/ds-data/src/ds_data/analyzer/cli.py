@@ -27,7 +27,7 @@ def _text_dataset(args) -> FlatTokenDataset:
         from transformers import AutoTokenizer
     except ImportError:
         raise SystemExit(
-            "--text needs the transformers package for the tokenizer: pip install transformers"
+            "--text needs a Hugging Face tokenizer: pip install 'ds-data[text]' (transformers)"
         ) from None
     text = Path(args.text).read_text(encoding="utf-8")
     pieces = text.split("\n\n") if args.split == "paragraph" else text.splitlines()
