@@ -87,12 +87,14 @@ def test_completion_and_streaming_give_the_engine_text(server, pipe):
         data = r.json()
         assert data["choices"][0]["text"] == expected
         assert data["usage"]["completion_tokens"] == 12 and data["choices"][0]["finish_reason"] == "length"
-        with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+        stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        with c.stream("POST", "/v1/completions", json=stream_body) as s:
             assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
             events = _sse_events(s)
     assert events[-1] == "[DONE]"
-    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == expected
-    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == 12
+    assert "".join(e["choices"][0]["text"] for e in events[:-2]) == expected
+    assert events[-3]["choices"][0]["finish_reason"] == "length"
 
 
 def test_chat_completion_uses_the_chat_template(server, pipe):
@@ -152,6 +154,8 @@ def test_20_concurrent_clients_each_get_their_own_answer(server, pipe):
         ({"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
         ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
         ([1, 2], 400, "JSON object"),
+        ({"prompt": "hi", "max_tokenz": 3}, 400, "max_tokenz"),
+        ({"prompt": "hi", "stream_options": {"chunk": 1}}, 400, "stream_options"),
     ],
 )
 def test_malformed_requests_get_clear_4xx(server, body, status, fragment):
@@ -170,6 +174,13 @@ def test_unknown_route_and_wrong_method(server):
 
 def test_queue_limit_answers_429(model_dir):
     engine = pipeline(str(model_dir), config=CONFIG).engine
+    fast_step = engine.step
+
+    def slow_step():  # keeps the two long requests in flight while the third one arrives
+        time.sleep(0.05)
+        return fast_step()
+
+    engine.step = slow_step
     with (
         start_server(engine, "tiny", max_queue_size=2) as handle,
         httpx.Client(base_url=handle.url, timeout=60) as c,

@@ -29,9 +29,7 @@ _NOOP_DEFAULTS = {
     "echo": False,
     "best_of": 1,
     "logit_bias": None,
-    "user": None,
     "suffix": None,
-    "stream_options": None,
     "top_logprobs": None,
     "response_format": None,
     "tools": None,
@@ -115,10 +113,16 @@ class OpenAIApp:
                 param="model",
                 code="model_not_found",
             )
+        allowed = (
+            {"model", "stream", "stream_options", "user", required} | _SAMPLING_KEYS | set(_NOOP_DEFAULTS)
+        )
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            raise HTTPError(400, f"unknown field(s) {unknown}; accepted: {sorted(allowed)}", param=unknown[0])
         if required not in body:
             raise HTTPError(400, f"missing required field {required!r}", param=required)
         for key, default in _NOOP_DEFAULTS.items():
-            if key in body and body[key] != default and not (key == "stream_options"):
+            if key in body and body[key] != default:
                 raise HTTPError(400, f"{key}={body[key]!r} is not supported (only {default!r})", param=key)
         return body
 
@@ -230,11 +234,15 @@ class OpenAIApp:
         stream_flag = body.get("stream", False)
         if not isinstance(stream_flag, bool):
             raise HTTPError(400, "stream must be true or false", param="stream")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise HTTPError(400, "stream_options supports only include_usage", param="stream_options")
+        include_usage = bool(options.get("include_usage", False))
         stream = await self._submit(ids, params)
         watcher = asyncio.ensure_future(req.wait_disconnected())
         try:
             if stream_flag:
-                await self._stream(req, stream, chat, watcher)
+                await self._stream(req, stream, chat, watcher, include_usage)
                 return None
             return 200, await self._collect(stream, chat, watcher)
         finally:
@@ -287,7 +295,14 @@ class OpenAIApp:
             },
         }
 
-    async def _stream(self, req: Request, stream: RequestStream, chat: bool, watcher: asyncio.Future) -> None:
+    async def _stream(
+        self,
+        req: Request,
+        stream: RequestStream,
+        chat: bool,
+        watcher: asyncio.Future,
+        include_usage: bool = False,
+    ) -> None:
         sse = SSEWriter(req.writer)
         env = self._envelope(stream, chat)
         if chat:
@@ -309,6 +324,14 @@ class OpenAIApp:
                     await sse.send({**env, "choices": [choice]})
                 if out.finished:
                     break
+            if include_usage:
+                n = len(out.token_ids)
+                usage = {
+                    "prompt_tokens": stream.prompt_tokens,
+                    "completion_tokens": n,
+                    "total_tokens": stream.prompt_tokens + n,
+                }
+                await sse.send({**env, "choices": [], "usage": usage})
             await sse.send("[DONE]")
         except ConnectionError:
             self.engine.abort(stream.request_id)
