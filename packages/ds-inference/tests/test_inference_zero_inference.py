@@ -81,3 +81,27 @@ def test_zero_inference_config_errors_name_the_key(tmp_path):
             quant={"enabled": True},
             zero={"offload_param": {"device": "nvme", "nvme_path": str(tmp_path)}},
         )
+
+
+def _has_accelerator() -> bool:
+    from ds_core.accelerator import get_accelerator
+
+    return get_accelerator().device().type != "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_accelerator(), reason="needs an accelerator: host->device layer streaming")
+def test_cpu_offload_streams_layers_to_the_accelerator():
+    from ds_core.accelerator import get_accelerator
+
+    prompt = random_prompts([11])[0]
+    expected = reference_greedy(_model(), prompt, 6)
+    engine = init_inference(_model(), zero={"offload_param": {"device": "cpu", "pin_memory": True}})
+    device = get_accelerator().device()
+    ids = torch.tensor([prompt], device=device)
+    out = engine.generate(
+        ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0
+    )[0, len(prompt) :].tolist()
+    assert out == expected
+    layer_bytes = sum(p.numel() * p.element_size() for p in engine.module.model.layers.parameters())
+    assert get_accelerator().memory_allocated() < layer_bytes  # only the streamed buffers live on the device
