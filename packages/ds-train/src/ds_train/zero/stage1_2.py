@@ -421,6 +421,16 @@ class ZeroStage012(ZeroStrategy):
                 out[slot.name] = view.cpu().clone()
         return out
 
+    def model_state_tensors(self) -> dict[str, list[torch.Tensor]]:
+        opt_state = [t for ps in self._opt_params for p in ps for t in self.optimizer.state.get(p, {}).values()
+                     if isinstance(t, torch.Tensor) and t.numel() > 1]
+        return {
+            "params": list(self.flat),
+            "grads": [g for g in self.grad_full + self.grad_shard if g is not None],
+            "master": [m for m, f in zip(self.master, self.flat) if m is not f],
+            "optimizer": opt_state,
+        }
+
     def sync_master_from_params(self) -> None:
         for gi, layout in enumerate(self._layouts):
             if self.master[gi] is not self.flat[gi]:

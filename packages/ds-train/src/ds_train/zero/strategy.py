@@ -114,6 +114,11 @@ class ZeroStrategy(abc.ABC):
     def load_shard_state(self, reader: ShardReader, load_optimizer_states: bool) -> None:
         """Restore master weights (and optimizer state) from any saved world size; refresh params."""
 
+    def model_state_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """The tensors this rank holds for model states, by kind ("params", "grads", "master",
+        "optimizer"); used for memory reports and the ZeRO memory benchmark."""
+        raise NotImplementedError(f"{type(self).__name__} does not report its model-state tensors")
+
     def describe(self) -> str:
         return f"ZeRO stage {self.stage}"
 
