@@ -69,7 +69,8 @@ def lm_report(args: argparse.Namespace) -> list[dict]:
                      "eval_s": round(time.perf_counter() - t, 1)})
         print(json.dumps(rows[-1]), flush=True)
 
-    add("fp32 (GGUF Q4_1 dequantized)", base, 0.0)
+    if not args.skip_base:
+        add("fp32 (GGUF Q4_1 dequantized)", base, 0.0)
     variants = [
         ("INT8 W8A8 (per-row weights, token-wise acts)", lambda: quantize(base, weight_bits=8, act_bits=8)),
         ("INT8 weight-only per-row", lambda: quantize(base, weight_bits=8)),
@@ -140,7 +141,8 @@ def encoder_report(args: argparse.Namespace) -> list[dict]:
                      "compress_s": round(seconds, 1)})
         print(json.dumps(rows[-1]), flush=True)
 
-    add("fp32", base, 0.0)
+    if not args.skip_base:
+        add("fp32", base, 0.0)
     for name, make in [
         ("INT8 W8A8", lambda: quantize(base, weight_bits=8, act_bits=8, exclude=())),
         ("ternary (2-bit) RTN, no distillation", lambda: quantize(base, method="xtc", weight_bits=2, exclude=())),
@@ -173,6 +175,7 @@ def main() -> None:
     p.add_argument("--kd-lr", type=float, default=1e-4)
     p.add_argument("--kd-sentences", type=int, default=2048)
     p.add_argument("--part", choices=["lm", "encoder", "all"], default="all")
+    p.add_argument("--skip-base", action="store_true", help="do not re-evaluate the uncompressed model")
     p.add_argument("--only", nargs="*", default=None, help="substrings of variant names to run")
     args = p.parse_args()
     torch.manual_seed(0)
