@@ -23,9 +23,18 @@ HERE = Path(__file__).resolve().parent
 WORKER = HERE / "bench_zero_worker.py"
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _run(python: str, impl: str, stage: int, dtype: str, steps: int, warmup: int) -> dict:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "DS_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": "1"}
-    cmd = [python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0", str(WORKER),
+    cmd = [python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(WORKER),
            "--impl", impl, "--stage", str(stage), "--dtype", dtype, "--steps", str(steps), "--warmup", str(warmup)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     for line in proc.stdout.splitlines():
