@@ -359,11 +359,11 @@ class DeepSpeedEngine(torch.nn.Module):
         else:
             self._step_applied = True
             self._grad_norm = result.grad_norm
-            if self.compression is not None:
-                self.compression.step()
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step(**(lr_kwargs or {}))
         self.global_steps += 1
+        if self.compression is not None and not result.overflow:
+            self.compression.step(self.global_steps)
         self.global_samples += self.train_batch_size()
         self._samples_since_print += self.train_batch_size()
         self._report()

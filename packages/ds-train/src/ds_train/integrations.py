@@ -76,9 +76,11 @@ class CompressionHook:
         if model_out is not None and model_out is not model:
             raise ConfigError("ds_compression.init_compression must modify the model in place for ds-train")
         self.scheduler = scheduler_cls(model, raw_config)
+        self.scheduler.step(0)  # techniques with schedule_offset 0 are on from the first step
 
-    def step(self) -> None:
-        self.scheduler.step()
+    def step(self, global_step: int) -> None:
+        """After each applied optimizer step, with the new global step (ds-compression's contract)."""
+        self.scheduler.step(global_step)
 
 
 def to_json_tree(value: Any) -> Any:
