@@ -1,9 +1,10 @@
 """ZeRO-3 (with and without CPU / NVMe offload) against a single-process torch reference, and exact resume.
 
-Tolerances (stated once): fp32 losses within 1e-5 and fp32 master weights within 2e-4 of the
-reference after 10 steps (reduction order and Adam's amplification of near-zero gradients); bf16
-losses within 2e-3 relative and weights within 5e-3 (bf16 gradients are reduced in bf16, the
-reference sums them in fp32). Resume is exact: bit-identical losses and weights.
+Tolerances are the engine issue's (test_train_zero_matches_reference.py): fp32 losses within 1e-5
+and fp32 master weights within 2e-5 of the reference after 10 steps; bf16 (gradients reduced and
+accumulated in bf16, as DeepSpeed's default; the reference sums in fp32) losses within 1e-2
+relative and weights within 3e-2. The transformers models allow 2e-4 for fp32 weights: their many
+near-zero gradients let Adam amplify reduction-order differences. Resume is exact: bit-identical.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from ds_train.testing import reference_train
 from ds_train.zero.stage3_testing import MODEL_FNS, MoEBlock, stage3_config, swap_dir, train_engine
 
 STEPS = 10
-TOL = {"fp32": (1e-5, 2e-4), "bf16": (2e-3, 5e-3)}
+TOL = {"fp32": (1e-5, 2e-5), "bf16": (1e-2, 3e-2)}
+HF_PARAM_TOL = 2e-4
 
 
 def _straight_and_resumed(dtype: str, offload: str, base: str, world: int, model: str = "tiny") -> dict:
@@ -39,6 +41,8 @@ def _check_against_reference(results: list, dtype: str, world: int, model: str =
     torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
     ref_losses, ref_params = reference_train(steps, 1, world, torch_dtype, model_fn=MODEL_FNS[model])
     loss_tol, param_tol = TOL[dtype]
+    if model in ("gpt2", "llama", "mixtral"):
+        param_tol = HF_PARAM_TOL
     for rank, res in enumerate(results):
         losses, params = res["straight"] if isinstance(res, dict) else res
         for step in range(steps):

@@ -18,9 +18,14 @@ def _api_worker(base: str) -> dict:
     import ds_train
     from ds_core import comm
     from ds_train.testing import lm_loss
-    from ds_train.zero import (GatheredParameters, safe_get_full_fp32_param, safe_get_full_grad,
-                               safe_get_full_optimizer_state, safe_set_full_fp32_param,
-                               safe_set_full_optimizer_state)
+    from ds_train.zero import (
+        GatheredParameters,
+        safe_get_full_fp32_param,
+        safe_get_full_grad,
+        safe_get_full_optimizer_state,
+        safe_set_full_fp32_param,
+        safe_set_full_optimizer_state,
+    )
 
     rank = comm.get_rank()
     cfg = stage3_config("fp32", 2, stage3_gather_16bit_weights_on_model_save=True)
@@ -70,7 +75,7 @@ def test_stage3_user_api_matches_single_process(tmp_path) -> None:
     for rank in range(2):
         ids = make_batch(0, 0, rank)
         (lm_loss(model(ids), ids) / 2).backward()
-    for rank, res in enumerate(results):
+    for res in results:
         assert res["empty_between_uses"] and res["released_after"] and res["gathered_equal"]
         torch.testing.assert_close(res["grad"], model.up.weight.grad, rtol=1e-5, atol=1e-6)
         assert res["exp_avg"].shape == (73, 24) and res["exp_avg"].abs().sum() > 0
@@ -172,7 +177,7 @@ def test_zero_init_builds_partitioned_and_trains_like_single_process() -> None:
         for step in range(6):
             assert abs(results[rank]["losses"][step] - ref_losses[step][rank]) < 1e-5
     for name, t in ref_params.items():
-        assert (results[0]["final"][name] - t).abs().max().item() < 2e-4, name
+        assert (results[0]["final"][name] - t).abs().max().item() < 2e-5, name
 
 
 def test_zero_init_refuses_unsupported_arguments() -> None:

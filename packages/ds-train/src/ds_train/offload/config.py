@@ -5,7 +5,7 @@ reads them through `Stage3Options.from_config`.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal
 
 from ds_core.config import DSConfigModel
 from pydantic import Field, field_validator, model_validator
@@ -23,7 +23,7 @@ class OffloadParamConfig(DSConfigModel):
     """``zero_optimization.offload_param``: where ZeRO-3 keeps the model-dtype parameter shards."""
 
     device: Literal["none", "cpu", "nvme"] = Field("none", description="'cpu': host memory; 'nvme': files.")
-    nvme_path: Optional[str] = Field(None, description="Folder on the NVMe drive for the swap files (nvme only).")
+    nvme_path: str | None = Field(None, description="Folder on the NVMe drive for the swap files (nvme only).")
     buffer_count: int = Field(5, ge=1, description="Parameter swap buffers (nvme only).")
     buffer_size: int = Field(100_000_000, ge=1, description="Elements per swap buffer; >= the largest shard.")
     max_in_cpu: int = Field(1_000_000_000, ge=0, description="Elements kept in host memory with nvme (upper bound).")

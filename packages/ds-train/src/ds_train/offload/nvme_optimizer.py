@@ -7,7 +7,8 @@ chunk i+1 computes. Only the buffers are resident (3 x 4 bytes x chunk x buffer_
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -70,7 +71,7 @@ class NvmeOptimizerSwapper:
             self.folder.wait(self.folder.read(out, self._name(group, key), 0))
         return out
 
-    def init_group(self, group: int, master: Optional[torch.Tensor]) -> None:
+    def init_group(self, group: int, master: torch.Tensor | None) -> None:
         """Zero moments; the master shard too unless given (the caller then writes it with write_range)."""
         if master is not None:
             self.write_full(group, "fp32", master)

@@ -6,8 +6,6 @@ writes updated pieces back after the step. Nothing of the shard stays resident b
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ds_train.offload.swap_folder import SwapFolder
@@ -50,7 +48,7 @@ class NvmeParamTier:
         values = values.to(self.dtype).contiguous()
         self.folder.wait(self.folder.write(values, self._name(group), offset * self.itemsize))
 
-    def flat(self, group: int) -> Optional[torch.Tensor]:
+    def flat(self, group: int) -> torch.Tensor | None:
         return None
 
     def read_group(self, group: int) -> torch.Tensor:

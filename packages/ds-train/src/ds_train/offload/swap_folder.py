@@ -10,7 +10,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -61,7 +61,7 @@ class SwapFolder:
         except OSError as exc:
             raise self._error(op, exc) from exc
 
-    def wait(self, request: Optional[Any]) -> None:
+    def wait(self, request: Any | None) -> None:
         if request is None:
             return
         start = time.perf_counter()

@@ -8,7 +8,7 @@ Setters take the whole tensor (identical on every rank) and store this rank's pi
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from ds_core import comm
@@ -24,7 +24,7 @@ def _owner(param: torch.nn.Parameter) -> Any:
     return getattr(param, "ds_owner", None)
 
 
-def _piece(owner: Any, rec: Any, kind: str, key: Optional[str]) -> torch.Tensor:
+def _piece(owner: Any, rec: Any, kind: str, key: str | None) -> torch.Tensor:
     """This rank's fp32 piece of `rec` for kind 'fp32' | 'grad' | 'state'."""
     lo, n, gi = rec.shard_offset, rec.shard_numel, rec.group
     if kind == "grad":
@@ -41,7 +41,7 @@ def _piece(owner: Any, rec: Any, kind: str, key: Optional[str]) -> torch.Tensor:
     return state[key].reshape(-1)[lo : lo + n].float()
 
 
-def _store(owner: Any, rec: Any, kind: str, key: Optional[str], piece: torch.Tensor) -> None:
+def _store(owner: Any, rec: Any, kind: str, key: str | None, piece: torch.Tensor) -> None:
     lo, n, gi = rec.shard_offset, rec.shard_numel, rec.group
     if kind == "grad":
         owner.grad_shards[gi][lo : lo + n].copy_(piece)
@@ -63,7 +63,7 @@ def _store(owner: Any, rec: Any, kind: str, key: Optional[str], piece: torch.Ten
             owner.gatherer.gather([rec])
 
 
-def _get(param: torch.nn.Parameter, kind: str, key: Optional[str] = None) -> Optional[torch.Tensor]:
+def _get(param: torch.nn.Parameter, kind: str, key: str | None = None) -> torch.Tensor | None:
     owner = _owner(param)
     if owner is None:
         if hasattr(param, "ds3"):
@@ -83,7 +83,7 @@ def _get(param: torch.nn.Parameter, kind: str, key: Optional[str] = None) -> Opt
     return full[: rec.numel].view(rec.shape).cpu().clone()
 
 
-def _set(param: torch.nn.Parameter, value: torch.Tensor, kind: str, key: Optional[str] = None) -> None:
+def _set(param: torch.nn.Parameter, value: torch.Tensor, kind: str, key: str | None = None) -> None:
     owner = _owner(param)
     if owner is None:
         if kind == "fp32":
@@ -115,7 +115,7 @@ def safe_set_full_fp32_param(param: torch.nn.Parameter, value: torch.Tensor) -> 
     _set(param, value, "fp32")
 
 
-def safe_get_full_grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
+def safe_get_full_grad(param: torch.nn.Parameter) -> torch.Tensor | None:
     """The whole averaged gradient of `param` (call between backward and step)."""
     return _get(param, "grad")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from ds_core import comm
@@ -43,12 +43,12 @@ class Init:
     `remote_device` (None or "cpu": shards live in host memory), `pin_memory`. Others are refused.
     """
 
-    _active: Optional[Init] = None
+    _active: Init | None = None
 
-    def __init__(self, module: Optional[torch.nn.Module] = None, data_parallel_group: Any = None,
-                 mem_efficient_linear: bool = True, remote_device: Optional[str] = None, pin_memory: bool = False,
+    def __init__(self, module: torch.nn.Module | None = None, data_parallel_group: Any = None,
+                 mem_efficient_linear: bool = True, remote_device: str | None = None, pin_memory: bool = False,
                  config_dict_or_path: Any = None, config: Any = None, enabled: bool = True,
-                 dtype: Optional[torch.dtype] = None, mpu: Any = None, **unsupported: Any) -> None:
+                 dtype: torch.dtype | None = None, mpu: Any = None, **unsupported: Any) -> None:
         bad = {k: v for k, v in unsupported.items() if v not in (None, False)}
         if bad:
             raise ValueError(f"zero.Init: argument(s) {sorted(bad)} are not supported")
@@ -158,7 +158,7 @@ def _offloads_to_nvme(config: Any) -> bool:
     return zc.offload_param is not None and zc.offload_param.device == "nvme"
 
 
-def _config_dtype(config: Any) -> Optional[torch.dtype]:
+def _config_dtype(config: Any) -> torch.dtype | None:
     if config is None:
         return None
     from ds_train.config import load_train_config
@@ -191,8 +191,8 @@ def _allgather_piece(shard: torch.Tensor, rec: Stage3Param, group: Any) -> torch
 class GatheredParameters:
     """Whole parameters inside the block (a collective: every rank of the group enters it)."""
 
-    def __init__(self, params: Union[torch.nn.Parameter, Iterable[torch.nn.Parameter]],
-                 modifier_rank: Optional[int] = None, fwd_module: Any = None, enabled: bool = True,
+    def __init__(self, params: torch.nn.Parameter | Iterable[torch.nn.Parameter],
+                 modifier_rank: int | None = None, fwd_module: Any = None, enabled: bool = True,
                  write_back: bool = True) -> None:
         if isinstance(params, torch.Tensor):
             params = [params]

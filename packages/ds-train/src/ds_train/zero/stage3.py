@@ -14,9 +14,9 @@ moments = 16Ψ/N for bf16 with bf16 gradients; fp32 training shares the master a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from ds_core import comm
@@ -44,8 +44,8 @@ class Stage3Options:
     sub_group_size: int = 1_000_000_000
     offload_param: str = "none"  # none | cpu | nvme
     offload_optimizer: str = "none"
-    param_nvme_path: Optional[str] = None
-    optimizer_nvme_path: Optional[str] = None
+    param_nvme_path: str | None = None
+    optimizer_nvme_path: str | None = None
     pin_memory: bool = False
     param_buffer_size: int = 100_000_000
     optimizer_buffer_count: int = 4
@@ -92,7 +92,7 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
         model: torch.nn.Module,
         dtype: torch.dtype,
         grad_dtype: torch.dtype,
-        comm_dtype: Optional[torch.dtype],
+        comm_dtype: torch.dtype | None,
         device: torch.device,
         group: Any = None,
         bucket_size: int = 500_000_000,
@@ -100,7 +100,7 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
         predivide_factor: float = 1.0,
         prescale_gradients: bool = False,
         ignore_unused_parameters: bool = True,
-        options: Optional[Stage3Options] = None,
+        options: Stage3Options | None = None,
         zero_config: Any = None,
         aio_config: Any = None,
         **_stage012_only: Any,
@@ -129,7 +129,7 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
         initial: list[list[torch.Tensor]] = []  # per group: this rank's shard of each parameter
         for gi, params in enumerate(self.params):
             names = [param_names[id(p)] for p in params]
-            shapes = [tuple(getattr(p, "ds3").shape) if hasattr(p, "ds3") else tuple(p.shape) for p in params]
+            shapes = [tuple(p.ds3.shape) if hasattr(p, "ds3") else tuple(p.shape) for p in params]
             layout = build_layout(names, shapes, self.parts, bucket_size=1)  # one bucket per parameter
             self._layouts.append(layout)
             shards = []
@@ -167,7 +167,7 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
             self._write_shards(gi, shards)
 
         # -- fp32 master shard and optimizer -----------------------------------------------------------
-        self.master: list[Optional[torch.Tensor]] = []
+        self.master: list[torch.Tensor | None] = []
         host_master = opts.offload_optimizer in ("cpu", "nvme")
         if opts.offload_optimizer == "nvme":
             from ds_train.offload.nvme_optimizer import NvmeOptimizerSwapper
@@ -250,7 +250,7 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
     def _gather_foreign_partitioned(self, model: torch.nn.Module) -> None:
         """Frozen parameters partitioned by zero.Init are made whole (only trainable ones stay sharded)."""
         mine = {id(p) for ps in self.params for p in ps}
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             rec = getattr(p, "ds3", None)
             if rec is not None and id(p) not in mine:
                 from ds_train.zero.init import gather_init_param
@@ -362,7 +362,7 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
 
     def full_fp32_params(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        for gi, layout in enumerate(self._layouts):
+        for gi in range(len(self._layouts)):
             shard = self.master_shard(gi).to(self.device)
             full = self._allgather_shard(shard)
             for rec in (r for r in self.records if r.group == gi):

@@ -9,7 +9,8 @@ gradient on some rank (it counts as zero when `after_backward` forces the rest o
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from ds_core import comm
@@ -28,7 +29,7 @@ class _Bucket:
             self.offsets[id(r)] = total
             total += r.shard_numel
         self.shard_total = total
-        self.staging: Optional[torch.Tensor] = None
+        self.staging: torch.Tensor | None = None
         self.remaining = len(recs)
 
 

@@ -10,7 +10,7 @@ drops that buffer. Where a shard lives (device memory, host memory, an NVMe file
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 import torch
 from ds_core import comm
@@ -33,10 +33,10 @@ class Stage3Param:
     shard_offset: int = 0  # where the piece starts in the group's flat shard
     persistent: bool = False  # small parameters stay whole on every rank
     status: str = RELEASED
-    full: Optional[torch.Tensor] = field(default=None, repr=False)  # padded whole tensor while gathered
+    full: torch.Tensor | None = field(default=None, repr=False)  # padded whole tensor while gathered
     pending: Any = field(default=None, repr=False)  # the PendingGather while in flight
     users: int = 0  # modules that are running with this parameter gathered
-    init_shard: Optional[torch.Tensor] = field(default=None, repr=False)  # zero.Init's piece until adopted
+    init_shard: torch.Tensor | None = field(default=None, repr=False)  # zero.Init's piece until adopted
 
     @property
     def available(self) -> bool:
@@ -56,7 +56,7 @@ class ShardTier(Protocol):
     def write_group(self, group: int, offset: int, values: torch.Tensor) -> None:
         """Store `values` (model dtype) at `offset` of group `group`'s flat shard."""
 
-    def flat(self, group: int) -> Optional[torch.Tensor]:
+    def flat(self, group: int) -> torch.Tensor | None:
         """The whole flat shard in memory, or None when it lives on disk."""
 
 
@@ -80,7 +80,7 @@ class MemoryTier:
     def write_group(self, group: int, offset: int, values: torch.Tensor) -> None:
         self.flats[group][offset : offset + values.numel()].copy_(values)
 
-    def flat(self, group: int) -> Optional[torch.Tensor]:
+    def flat(self, group: int) -> torch.Tensor | None:
         return self.flats[group]
 
 
@@ -130,7 +130,7 @@ class ParamGatherer:
         self.by_storage: dict[int, Stage3Param] = {}  # data_ptr of a whole buffer -> record
         self.busy = 0  # > 0 while this class runs tensor ops of its own (the gather-on-use mode skips them)
 
-    def gather(self, recs: list[Stage3Param], async_op: bool = False) -> Optional[PendingGather]:
+    def gather(self, recs: list[Stage3Param], async_op: bool = False) -> PendingGather | None:
         """Start (or finish, when not async) gathering `recs`; already whole/in-flight ones are skipped."""
         self.busy += 1
         try:
@@ -138,7 +138,7 @@ class ParamGatherer:
         finally:
             self.busy -= 1
 
-    def _gather(self, recs: list[Stage3Param], async_op: bool) -> Optional[PendingGather]:
+    def _gather(self, recs: list[Stage3Param], async_op: bool) -> PendingGather | None:
         todo = [r for r in recs if r.status == RELEASED]
         if not todo:
             if not async_op:
@@ -210,7 +210,7 @@ class ParamGatherer:
         rec.param.data = torch.empty(0, dtype=self.dtype, device=self.device)
         rec.status = RELEASED
 
-    def lookup(self, tensor: torch.Tensor) -> Optional[Stage3Param]:
+    def lookup(self, tensor: torch.Tensor) -> Stage3Param | None:
         """The partitioned parameter whose whole buffer `tensor` shares storage with, if any."""
         if not self.by_storage:
             return None

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -61,7 +61,7 @@ class _Trace:
         self.valid = bool(self.previous)
         self.cursor = 0
 
-    def record(self, key: int) -> Optional[int]:
+    def record(self, key: int) -> int | None:
         """Record `key`; return the replay position after it, or None when the order diverged."""
         self.current.append(key)
         if not self.valid:
@@ -105,6 +105,8 @@ class PrefetchCoordinator:
         self._bwd_seen: set[int] = set()
         self.active = False
         self._running: list[int] = []  # modules whose forward is executing (innermost last)
+        self._positions: list[int | None] = []  # their replay positions (None: order diverged)
+        self._next_use: list[dict[int, int]] = []
         self._mode = _GatherOnUse(self)
 
     # -- pass boundaries ---------------------------------------------------------------------------
@@ -112,8 +114,9 @@ class PrefetchCoordinator:
     def forward_pass(self) -> Iterator[None]:
         """Wraps one forward: the saved-tensor hooks are active, the forward trace restarts."""
         self.fwd.start()
+        self._next_use = self._reuse_distances(self.fwd.previous) if self.fwd.valid and self.max_reuse > 0 else []
         self.active = True
-        self._running = []
+        self._running, self._positions = [], []
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack), self._mode:
                 yield
@@ -139,6 +142,7 @@ class PrefetchCoordinator:
                 r.users += 1
             if self.active:
                 self._running.append(idx)
+                self._positions.append(position)
             if position is not None:
                 self._prefetch(self.fwd.previous, position)
         return pre
@@ -146,31 +150,41 @@ class PrefetchCoordinator:
     def _make_post(self, idx: int):
         def post(module: torch.nn.Module, args: Any, output: Any) -> Any:
             recs = self.module_params[idx]
+            position = None
             if self.active and self._running and self._running[-1] == idx:
                 self._running.pop()
+                position = self._positions.pop()
             for r in recs:
                 r.users -= 1
-            if not (self.active and self._reused_soon(idx)):
-                for r in recs:
-                    if r.users <= 0:
-                        self.gatherer.release(r)
+            reuse = self._next_use[position - 1] if position is not None and self.fwd.valid and self._next_use \
+                else {}
+            for r in recs:
+                if r.users <= 0 and reuse.get(id(r), self.max_reuse + 1) > self.max_reuse:
+                    self.gatherer.release(r)
             if torch.is_grad_enabled() and recs:
                 _register_output_hooks(output, lambda: self._pre_backward(idx))
             return output
         return post
 
-    def _reused_soon(self, idx: int) -> bool:
-        """True when the recorded order runs `idx` again within max_reuse_distance elements."""
-        if self.max_reuse <= 0 or not self.fwd.valid:
-            return False
-        seen = 0
-        for key in self.fwd.previous[self.fwd.cursor :]:
-            if key == idx:
-                return True
-            seen += sum(r.numel for r in self.module_params[key])
-            if seen > self.max_reuse:
-                return False
-        return False
+    def _reuse_distances(self, order: list[int]) -> list[dict[int, int]]:
+        """For each position of `order`: id(param) -> elements gathered before that param is used again.
+
+        A parameter used again within max_reuse_distance (a tied embedding read by the output head, a
+        module called twice) stays whole instead of being released and gathered a second time.
+        """
+        sizes = [sum(r.numel for r in self.module_params[key]) for key in order]
+        prefix = [0]
+        for n in sizes:
+            prefix.append(prefix[-1] + n)
+        out: list[dict[int, int]] = [{} for _ in order]
+        next_pos: dict[int, int] = {}
+        for pos in range(len(order) - 1, -1, -1):
+            for r in self.module_params[order[pos]]:
+                later = next_pos.get(id(r))
+                if later is not None:
+                    out[pos][id(r)] = prefix[later] - prefix[pos + 1]
+                next_pos[id(r)] = pos
+        return out
 
     def _pre_backward(self, idx: int) -> None:
         if idx in self._bwd_seen:
@@ -262,7 +276,7 @@ class _GatherOnUse(TorchFunctionMode):
         super().__init__()
         self.coordinator = coordinator
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if self.coordinator.gatherer.busy:  # the gatherer's own ops (e.g. setting param.data)
             return func(*args, **kwargs)

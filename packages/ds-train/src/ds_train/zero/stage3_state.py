@@ -7,7 +7,7 @@ rank's pieces, so a checkpoint moves between world sizes and between stages 0-3.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from ds_core.logging import warn_once
@@ -26,7 +26,7 @@ class Stage3StateMixin:
     def layouts(self) -> list[GroupLayout]:
         return self._layouts
 
-    def shard_index(self) -> Optional[int]:
+    def shard_index(self) -> int | None:
         return self.rank
 
     def _optimizer_tensors(self, gi: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -81,7 +81,7 @@ class Stage3StateMixin:
                 raise ValueError(
                     f"param group {gi} does not match the checkpoint: missing from checkpoint "
                     f"{sorted(set(names) - set(saved))[:5]}, not in model {sorted(set(saved) - set(names))[:5]}")
-        for gi, layout in enumerate(self._layouts):
+        for gi in range(len(self._layouts)):
             master = self._shard_from_full(gi, reader.full_tensors(gi, "fp32"), "fp32")
             self._set_master(gi, master)
             if not load_optimizer_states:

@@ -6,7 +6,8 @@ each other and `run_distributed` workers must import the functions they run.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -127,7 +128,7 @@ MODEL_FNS: dict[str, Callable[[], torch.nn.Module]] = {
 }
 
 
-def stage3_config(dtype: str, world: int, *, offload: str = "none", swap: Optional[str] = None,
+def stage3_config(dtype: str, world: int, *, offload: str = "none", swap: str | None = None,
                   grad_accum: int = 1, **zero: Any) -> dict[str, Any]:
     """engine_config at stage 3 with small buckets, nothing persistent, optional cpu/nvme offload."""
     cfg = engine_config(3, dtype, grad_accum, world)
@@ -146,12 +147,13 @@ def stage3_config(dtype: str, world: int, *, offload: str = "none", swap: Option
     return cfg
 
 
-def train_engine(cfg: dict[str, Any], model_name: str, start: int, stop: int, *, load_dir: Optional[str] = None,
-                 save_dir: Optional[str] = None, leaf_classes: tuple = (), fail_after: Optional[Callable] = None,
+def train_engine(cfg: dict[str, Any], model_name: str, start: int, stop: int, *, load_dir: str | None = None,
+                 save_dir: str | None = None, leaf_classes: tuple = (), fail_after: Callable | None = None,
                  ) -> tuple[list[list[float]], dict[str, torch.Tensor]]:
     """Train steps [start, stop) with the engine on this rank's batches; returns losses and fp32 weights."""
-    import ds_train
     from ds_core import comm
+
+    import ds_train
     from ds_train.zero import set_z3_leaf_modules
 
     rank = comm.get_rank() if comm.is_initialized() else 0

@@ -1,0 +1,151 @@
+"""ZeRO-3 step time and per-rank peak memory vs FSDP2 (`fully_shard`), same model, batch and precision.
+
+GPT-2 (~20M parameters, from a config) on 2 gloo ranks: ours at stage 3 with bf16 parameters and
+fp32 master weights + AdamW; FSDP2 with fp32 sharded parameters, MixedPrecisionPolicy(bf16 params,
+bf16 reductions) + AdamW, every transformer block and the root wrapped. Both run in the same
+invocation on the same worker processes; median step time after warmup, and the peak resident set
+growth of rank 0 from before the model is built to the end (VmHWM; fresh worker processes per run).
+
+    .venv/bin/python tools/bench/bench_zero3_step_time.py [--steps 8] [--offload cpu]
+Prints one JSON line with ours/FSDP2 ratios (< 1: ours faster / smaller).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+VOCAB = 8192
+
+
+def _gpt(n_embd: int, n_layer: int, seq: int) -> torch.nn.Module:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=seq, n_embd=n_embd, n_layer=n_layer, n_head=8,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _peak_reset() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _time(step, warmup: int, steps: int) -> float:
+    for i in range(warmup):
+        step(i)
+    times = []
+    for i in range(warmup, warmup + steps):
+        t = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _batch(i: int, rank: int, micro: int, seq: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (micro, seq), generator=torch.Generator().manual_seed(i * 10 + rank))
+
+
+def _ours(args: dict) -> dict:
+    import ds_train
+    from ds_core import comm
+
+    rank = comm.get_rank()
+    before = _rss("VmRSS:")
+    _peak_reset()
+    cfg = {
+        "train_micro_batch_size_per_gpu": args["micro"], "steps_per_print": 0, "bf16": {"enabled": True},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+        "zero_optimization": {"stage": 3, "reduce_bucket_size": 5_000_000,
+                              "stage3_prefetch_bucket_size": 5_000_000, "stage3_param_persistence_threshold": 10_000},
+    }
+    if args["offload"] == "cpu":
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        cfg["zero_optimization"]["offload_param"] = {"device": "cpu"}
+    engine, *_ = ds_train.initialize(model=_gpt(args["embd"], args["layers"], args["seq"]), config=cfg)
+
+    def step(i: int) -> None:
+        ids = _batch(i, rank, args["micro"], args["seq"])
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+
+    seconds = _time(step, args["warmup"], args["steps"])
+    peak = _rss("VmHWM:") - before
+    engine.destroy()
+    return {"seconds": seconds, "peak_growth": peak}
+
+
+def _fsdp2(args: dict) -> dict:
+    from ds_core import comm
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    rank, world = comm.get_rank(), comm.get_world_size()
+    before = _rss("VmRSS:")
+    _peak_reset()
+    model = _gpt(args["embd"], args["layers"], args["seq"])
+    mesh = init_device_mesh("cpu", (world,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+
+    def step(i: int) -> None:
+        ids = _batch(i, rank, args["micro"], args["seq"])
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    seconds = _time(step, args["warmup"], args["steps"])
+    return {"seconds": seconds, "peak_growth": _rss("VmHWM:") - before}
+
+
+def main() -> None:
+    from ds_core.testing import run_distributed, shutdown_pool
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--embd", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=5)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--offload", choices=["none", "cpu"], default="none")
+    args = vars(ap.parse_args())
+    def fresh(fn):  # new worker processes: no heap left over from the other run distorts the RSS
+        shutdown_pool()
+        return run_distributed(fn, args["world"], args, timeout=1800)[0]
+
+    # alternate the two so that slow drift of the machine hits both alike
+    fsdp_a, ours_a, fsdp_b, ours_b = fresh(_fsdp2), fresh(_ours), fresh(_fsdp2), fresh(_ours)
+    ours = min(ours_a["seconds"], ours_b["seconds"])
+    fsdp = min(fsdp_a["seconds"], fsdp_b["seconds"])
+    ours_mem = max(ours_a["peak_growth"], ours_b["peak_growth"])
+    fsdp_mem = max(fsdp_a["peak_growth"], fsdp_b["peak_growth"])
+    print(json.dumps({
+        "bench": "zero3_step_time", "model": "gpt2 ~20M, bf16 compute, fp32 master, AdamW", "world": args["world"],
+        "micro_batch": args["micro"], "seq": args["seq"], "offload": args["offload"],
+        "ours_s_per_step": round(ours, 4), "fsdp2_s_per_step": round(fsdp, 4),
+        "time_ratio_ours_over_fsdp2": round(ours / fsdp, 3),
+        "ours_peak_rss_growth_mib": round(ours_mem / 2**20, 1), "fsdp2_peak_rss_growth_mib": round(fsdp_mem / 2**20, 1),
+        "memory_ratio_ours_over_fsdp2": round(ours_mem / max(fsdp_mem, 1), 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()
