@@ -204,6 +204,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=1.0, help="requests per second in the latency run")
     ap.add_argument("--latency-requests", type=int, default=32)
     ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--max-batched-tokens", type=int, default=512)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
@@ -227,7 +228,8 @@ def main() -> None:
         "num_requests": len(reqs),
         "baseline_batch": args.baseline_batch,
     }
-    result.update(run_throughput(model, tok, reqs, args.baseline_batch, cfg))
+    if not args.skip_throughput:
+        result.update(run_throughput(model, tok, reqs, args.baseline_batch, cfg))
     if not args.skip_latency:
         lat_reqs = reqs[: args.latency_requests]
         log(f"latency: {len(lat_reqs)} requests at {args.rate} req/s, ours")
