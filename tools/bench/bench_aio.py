@@ -8,6 +8,7 @@ Read: ours reads it back with O_DIRECT; dd reads it with iflag=direct. Neither g
 cache, so the figures are device bandwidth. Overlap: matmul iterations per second while ours writes,
 relative to the same loop with no I/O. Prints one JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,15 @@ def main() -> None:
     path, dd_path = os.path.join(workdir, "ours.bin"), os.path.join(workdir, "dd.bin")
     buf = aio.aligned_empty(nbytes, torch.uint8)
     buf.fill_(1)  # touch every page so the first transfer does not pay for page faults
-    result = {"bench": "aio", "bytes": nbytes, "dir": args.dir, "block_bytes": args.block_mib << 20,
-              "threads": args.threads, "queue_depth": args.queue_depth, "engines": {}}
+    result = {
+        "bench": "aio",
+        "bytes": nbytes,
+        "dir": args.dir,
+        "block_bytes": args.block_mib << 20,
+        "threads": args.threads,
+        "queue_depth": args.queue_depth,
+        "engines": {},
+    }
     try:
         bs = f"bs={args.block_mib}M"
         count = f"count={args.size_mib // args.block_mib}"
@@ -70,8 +78,12 @@ def main() -> None:
         os.remove(dd_path)
         result.update(dd_write_gbps=round(dd_w, 3), dd_read_gbps=round(dd_r, 3))
         for engine in [e for e in aio.engines() if e != "python-threads"]:
-            io = aio.AsyncIO(block_size=args.block_mib << 20, queue_depth=args.queue_depth,
-                             threads=args.threads, engine=engine)
+            io = aio.AsyncIO(
+                block_size=args.block_mib << 20,
+                queue_depth=args.queue_depth,
+                threads=args.threads,
+                engine=engine,
+            )
             log(f"{engine}: write ...")
             t0 = time.perf_counter()
             io.submit_write(buf, path).wait()
@@ -81,13 +93,16 @@ def main() -> None:
             io.submit_read(buf, path).wait()
             r = nbytes / (time.perf_counter() - t0) / 1e9
             result["engines"][engine] = {
-                "write_gbps": round(w, 3), "read_gbps": round(r, 3),
-                "write_vs_dd": round(w / dd_w, 3), "read_vs_dd": round(r / dd_r, 3),
+                "write_gbps": round(w, 3),
+                "read_gbps": round(r, 3),
+                "write_vs_dd": round(w / dd_w, 3),
+                "read_vs_dd": round(r / dd_r, 3),
             }
             os.remove(path)
         engine = aio.engines()[0]
-        io = aio.AsyncIO(block_size=args.block_mib << 20, queue_depth=args.queue_depth, threads=args.threads,
-                         engine=engine)
+        io = aio.AsyncIO(
+            block_size=args.block_mib << 20, queue_depth=args.queue_depth, threads=args.threads, engine=engine
+        )
         log(f"overlap with {engine}: matmul loop alone / during back-to-back writes / alone ...")
         alone_before = matmul_rate(2.0)
         t_end = time.perf_counter() + 2.0
@@ -99,9 +114,13 @@ def main() -> None:
         alone_after = matmul_rate(2.0)
         alone = (alone_before + alone_after) / 2
         during = sum(rates) / len(rates)
-        result["overlap"] = {"engine": engine, "matmul_per_s_alone": round(alone, 1),
-                             "matmul_per_s_during_write": round(during, 1),
-                             "compute_slowdown": round(1 - during / alone, 3), "writes": len(rates)}
+        result["overlap"] = {
+            "engine": engine,
+            "matmul_per_s_alone": round(alone, 1),
+            "matmul_per_s_during_write": round(during, 1),
+            "compute_slowdown": round(1 - during / alone, 3),
+            "writes": len(rates),
+        }
     finally:
         for p in (path, dd_path):
             if os.path.exists(p):

@@ -6,6 +6,7 @@ and, for information, from the unquantized fp32 product. Prints one JSON line.
 
     .venv/bin/python tools/bench/bench_quant.py [--dim 4096] [--group 128] [--iters 30]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,20 +38,31 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=0, help="torch/kernel threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import ds_kernels
     from ds_kernels import reference
     from ds_kernels.quant import quantize, quantized_matmul
 
     torch.manual_seed(0)
     w = torch.randn(args.dim, args.dim) * 0.02
-    result = {"bench": "quant_matmul", "dim": args.dim, "group_size": args.group,
-              "threads": torch.get_num_threads(), "isa": ds_kernels.isa(), "cases": {}}
+    result = {
+        "bench": "quant_matmul",
+        "dim": args.dim,
+        "group_size": args.group,
+        "threads": torch.get_num_threads(),
+        "isa": ds_kernels.isa(),
+        "cases": {},
+    }
     for bits in (8, 4):
         qt = quantize(w, bits, args.group, symmetric=True)
         for batch in (1, 16):
             x = torch.randn(batch, args.dim)
-            t = timed_interleaved({"ours": lambda: quantized_matmul(x, qt), "fp32": lambda: x @ w.t()}, args.iters)
+            t = timed_interleaved(
+                {"ours": lambda: quantized_matmul(x, qt), "fp32": lambda: x @ w.t()}, args.iters
+            )
             ours = quantized_matmul(x, qt)
             ref = reference.quantized_matmul(x, qt.unpacked(), qt.scale, qt.zero_point, args.group)
             case = {
@@ -63,6 +75,9 @@ def main() -> None:
             }
             result["cases"][f"int{bits}_batch{batch}"] = case
             log(f"int{bits} batch {batch}: {case}")
+    import os
+
+    result["load_avg_1m"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result))
 
 

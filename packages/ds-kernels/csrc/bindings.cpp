@@ -30,11 +30,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_isa", [](const std::string& name) { dsk::set_isa(name.c_str()); });
   m.def("supported_isas", &supported_isas);
 
-  m.def("adam_step", [](uintptr_t p, uintptr_t g, int gd, uintptr_t m1, uintptr_t m2, uintptr_t out, int od,
+  m.def("adam_step", [](uintptr_t p, uintptr_t g, int gd, uintptr_t m1, uintptr_t m2, int sd, uintptr_t out, int od,
                         int64_t n, double lr, double b1, double b2, double eps, double wd, bool adamw,
                         double step_size, double bc2_rsqrt, int threads) {
     const double decay = (adamw && wd != 0.0) ? 1.0 - lr * wd : 1.0;
-    dsk::AdamArgs a{P<float>(p), P<void>(g), gd, P<float>(m1), P<float>(m2), P<void>(out), od, n,
+    dsk::AdamArgs a{P<float>(p), P<void>(g), gd, P<void>(m1), P<void>(m2), sd, P<void>(out), od, n,
                     float(b1), float(b2), float(1.0 - b1), float(1.0 - b2), float(eps), float(wd), float(decay),
                     adamw, float(step_size), float(bc2_rsqrt), threads};
     py::gil_scoped_release nogil;

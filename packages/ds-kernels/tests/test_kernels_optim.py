@@ -197,3 +197,41 @@ def test_bad_inputs_give_one_clear_error():
         for t in params:
             t.grad = torch.randn(3)
         DSCPUAdam(params).step(lowp_params_out=[torch.empty(3, dtype=torch.bfloat16)])
+
+
+@pytest.mark.parametrize("n", [7, 1023, 70001])
+@pytest.mark.parametrize("grad_dtype,out_dtype", [(torch.float32, None), (torch.bfloat16, torch.bfloat16)])
+def test_adam_bf16_states_match_reference(isa, n, grad_dtype, out_dtype):
+    p, g, m, v = _tensors(n, grad_dtype)
+    m, v = m.to(torch.bfloat16), v.to(torch.bfloat16)
+    p2, g2, m2, v2 = _clone((p, g, m, v))
+    out = None if out_dtype is None else torch.empty(n, dtype=out_dtype)
+    kw = dict(step=3, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+    cpu_adam_step(p, g, m, v, param_out_lowp=out, **kw)
+    reference.adam_step(p2, g2, m2, v2, **kw)
+    assert m.dtype == torch.bfloat16 and v.dtype == torch.bfloat16
+    torch.testing.assert_close(p, p2, rtol=RTOL, atol=ATOL)
+    # States are the bf16 rounding of (nearly) the same fp32 value: equal or one bf16 ulp apart.
+    torch.testing.assert_close(m.float(), m2.float(), rtol=1e-2, atol=1e-7)
+    torch.testing.assert_close(v.float(), v2.float(), rtol=1e-2, atol=1e-9)
+    assert (m != m2).float().mean() < 0.01
+
+
+def test_dscpuadam_bf16_states_keep_their_dtype_across_state_dict():
+    p = torch.nn.Parameter(torch.randn(50))
+    opt = DSCPUAdam([p], state_dtype=torch.bfloat16)
+    p.grad = torch.randn(50)
+    opt.step()
+    assert opt.state[p]["exp_avg"].dtype == torch.bfloat16
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = DSCPUAdam([q], state_dtype=torch.bfloat16)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt2.state[q]["exp_avg_sq"].dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="state_dtype"):
+        DSCPUAdam([q], state_dtype=torch.float16)
+
+
+def test_mixed_state_dtypes_are_rejected():
+    p, g, m, v = _tensors(10, torch.float32)
+    with pytest.raises(TypeError, match="share one dtype"):
+        cpu_adam_step(p, g, m.bfloat16(), v, step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)

@@ -12,7 +12,8 @@ enum DType : int { kNone = -1, kF32 = 0, kBF16 = 1, kF16 = 2 };
 // Derived scalars (1 - beta, 1 - lr * wd, ...) are computed in double by the caller and rounded once,
 // as the references do, so the compiled and reference results agree to the last bits.
 struct AdamArgs {
-  float* param; const void* grad; int grad_dtype; float* exp_avg; float* exp_avg_sq;
+  float* param; const void* grad; int grad_dtype;
+  void* exp_avg; void* exp_avg_sq; int state_dtype;  // states fp32, or bf16 (half the state traffic)
   void* out_lowp; int out_dtype; int64_t n;
   float beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, decay; bool adamw_mode;
   float step_size;     // lr / (1 - beta1^t), or lr without bias correction

@@ -30,10 +30,12 @@ template <class F> inline void parallel_slices(int64_t n, int threads, F body) {
   for (int64_t c = 0; c < chunks; ++c) body(c * kChunk, imin(n, (c + 1) * kChunk));
 }
 
-template <class G, class O>
+template <class G, class O, class S>
 void adam_typed(const AdamArgs& a) {
   const G* g = static_cast<const G*>(a.grad);
   O* out = static_cast<O*>(a.out_lowp);
+  S* exp_avg = static_cast<S*>(a.exp_avg);
+  S* exp_avg_sq = static_cast<S*>(a.exp_avg_sq);
   const bool l2 = a.weight_decay != 0.f && !a.adamw_mode;
   const float decay = a.decay;  // 1 - lr * wd in AdamW mode, else 1
   parallel_slices(a.n, a.threads, [&](int64_t lo, int64_t hi) {
@@ -44,22 +46,22 @@ void adam_typed(const AdamArgs& a) {
     for (; i + Vec::W <= hi; i += Vec::W) {
       Vec gr = vload(g + i), p = vload(a.param + i);
       if (l2) gr = vfma(wd, p, gr);
-      Vec m = vfma(b1, vload(a.exp_avg + i), nb1 * gr);
-      Vec v = vfma(b2, vload(a.exp_avg_sq + i), nb2 * gr * gr);
+      Vec m = vfma(b1, vload(exp_avg + i), nb1 * gr);
+      Vec v = vfma(b2, vload(exp_avg_sq + i), nb2 * gr * gr);
       Vec denom = vfma(vsqrt(v), bc2, eps);
       p = vfma(neg_step, m / denom, p * dec);
-      vstore(a.exp_avg + i, m);
-      vstore(a.exp_avg_sq + i, v);
+      vstore(exp_avg + i, m);
+      vstore(exp_avg_sq + i, v);
       vstore(a.param + i, p);
       store_out(out, i, p);
     }
     for (; i < hi; ++i) {
       float gr = Lane::load(g + i), p = a.param[i];
       if (l2) gr += a.weight_decay * p;
-      float m = a.beta1 * a.exp_avg[i] + a.one_minus_beta1 * gr;
-      float v = a.beta2 * a.exp_avg_sq[i] + a.one_minus_beta2 * gr * gr;
+      float m = a.beta1 * Lane::load(exp_avg + i) + a.one_minus_beta1 * gr;
+      float v = a.beta2 * Lane::load(exp_avg_sq + i) + a.one_minus_beta2 * gr * gr;
       p = p * decay - a.step_size * (m / (std::sqrt(v) * a.bc2_rsqrt + a.eps));
-      a.exp_avg[i] = m; a.exp_avg_sq[i] = v; a.param[i] = p;
+      Lane::store(exp_avg + i, m); Lane::store(exp_avg_sq + i, v); a.param[i] = p;
       store_out_lane(out, i, p);
     }
   });
@@ -149,7 +151,12 @@ void dispatch_types(const Args& a) {
   }
 }
 
-template <class G, class O> struct AdamK { static void run(const AdamArgs& a) { adam_typed<G, O>(a); } };
+template <class G, class O> struct AdamK {
+  static void run(const AdamArgs& a) {
+    if (a.state_dtype == kBF16) adam_typed<G, O, bf16_t>(a);
+    else adam_typed<G, O, float>(a);
+  }
+};
 template <class G, class O> struct AdagradK { static void run(const AdagradArgs& a) { adagrad_typed<G, O>(a); } };
 template <class G, class O> struct LionK { static void run(const LionArgs& a) { lion_typed<G, O>(a); } };
 

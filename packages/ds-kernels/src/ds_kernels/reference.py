@@ -44,7 +44,16 @@ def adam_step(
     bias_correction: bool = True,
     param_out_lowp: Optional[torch.Tensor] = None,
 ) -> None:
-    """Adam (L2 weight decay added to the gradient) or AdamW (decoupled decay), DeepSpeed's formulas."""
+    """Adam (L2 weight decay added to the gradient) or AdamW (decoupled decay), DeepSpeed's formulas.
+    bf16 states are updated in fp32 and rounded back once."""
+    if exp_avg.dtype != torch.float32:
+        m32, v32 = exp_avg.float(), exp_avg_sq.float()
+        adam_step(param, grad, m32, v32, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                  weight_decay=weight_decay, adamw_mode=adamw_mode, bias_correction=bias_correction,
+                  param_out_lowp=param_out_lowp)
+        exp_avg.copy_(m32)
+        exp_avg_sq.copy_(v32)
+        return
     g = grad.float()
     if weight_decay != 0.0 and not adamw_mode:
         g = g + weight_decay * param

@@ -26,12 +26,16 @@ def available() -> bool:
     return ext is not None and hasattr(ext, "adam_step")
 
 
-def _check_common(param: torch.Tensor, grad: torch.Tensor, states: dict, out: Optional[torch.Tensor]) -> None:
+def _check_common(param: torch.Tensor, grad: torch.Tensor, states: dict, out: Optional[torch.Tensor],
+                  state_dtypes: tuple = (torch.float32,)) -> None:
     check_host_tensor("param", param, (torch.float32,))
     n = param.numel()
     check_host_tensor("grad", grad, _GRAD_DTYPES, n)
     for name, state in states.items():
-        check_host_tensor(name, state, (torch.float32,), n)
+        check_host_tensor(name, state, state_dtypes, n)
+    dtypes = {state.dtype for state in states.values()}
+    if len(dtypes) > 1:
+        raise TypeError(f"optimizer states must share one dtype, got {sorted(str(d) for d in dtypes)}")
     if out is not None:
         check_host_tensor("param_out_lowp", out, _LOWP_DTYPES, n)
 
@@ -57,8 +61,12 @@ def cpu_adam_step(
     bias_correction: bool = True,
     param_out_lowp: Optional[torch.Tensor] = None,
 ) -> None:
-    """One Adam/AdamW update in place (see `reference.adam_step` for the formulas)."""
-    _check_common(param, grad, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, param_out_lowp)
+    """One Adam/AdamW update in place (see `reference.adam_step` for the formulas).
+
+    The states may be fp32 or bf16 (both the same): bf16 states halve their memory and traffic; the
+    math stays fp32 and the new states are rounded to nearest even."""
+    _check_common(param, grad, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, param_out_lowp,
+                  (torch.float32, torch.bfloat16))
     _check_step(step)
     if not available():
         _loader.fallback_warning("cpu_adam")
@@ -71,7 +79,7 @@ def cpu_adam_step(
     bc1 = 1.0 - beta1**step if bias_correction else 1.0
     bc2 = 1.0 - beta2**step if bias_correction else 1.0
     _loader.extension().adam_step(
-        ptr(param), ptr(grad), dtype_code(grad), ptr(exp_avg), ptr(exp_avg_sq),
+        ptr(param), ptr(grad), dtype_code(grad), ptr(exp_avg), ptr(exp_avg_sq), dtype_code(exp_avg),
         ptr(param_out_lowp), dtype_code(param_out_lowp), param.numel(),
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(adamw_mode),
         float(lr / bc1), float(1.0 / math.sqrt(bc2)), _loader.num_threads(),

@@ -37,13 +37,23 @@ class _CPUOptimizer(torch.optim.Optimizer):
             )
         return {id(p): o for p, o in zip(params, outs)}
 
+    _state_dtype: torch.dtype = torch.float32
+
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         if not state:
             state["step"] = 0
             for name in self._state_names:
-                state[name] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                state[name] = torch.zeros_like(p, dtype=self._state_dtype, memory_format=torch.contiguous_format)
         return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts loaded states to the param dtype (fp32); restore the configured state dtype.
+        for state in self.state.values():
+            for name in self._state_names:
+                if name in state and state[name].dtype != self._state_dtype:
+                    state[name] = state[name].to(self._state_dtype)
 
     def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict,
                 out: Optional[torch.Tensor]) -> None:
@@ -84,13 +94,19 @@ def _check_range(name: str, value: float, lo: float, hi: Optional[float] = None)
 
 
 class DSCPUAdam(_CPUOptimizer):
-    """Adam/AdamW on CPU with the fused SIMD kernel (DeepSpeedCPUAdam's arguments and defaults)."""
+    """Adam/AdamW on CPU with the fused SIMD kernel (DeepSpeedCPUAdam's arguments and defaults).
+
+    `state_dtype=torch.bfloat16` keeps exp_avg/exp_avg_sq in bf16: 8 fewer bytes per parameter in
+    memory and per step in traffic (see tools/bench/bench_cpu_adam.py for speed and loss curves)."""
 
     _state_names = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, adamw_mode: bool = True,
-                 bias_correction: bool = True) -> None:
+                 bias_correction: bool = True, state_dtype: torch.dtype = torch.float32) -> None:
+        if state_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
+        self._state_dtype = state_dtype
         _check_range("lr", lr, 0.0)
         _check_range("eps", eps, 0.0)
         _check_range("betas[0]", betas[0], 0.0, 1.0)
