@@ -19,6 +19,11 @@ the same `ds_data.integration.DataEfficiency` hooks; the JSON says which.
     .venv/bin/python tools/bench/bench_data_efficiency.py --steps 40 --seeds 1   # smoke run
     .venv/bin/python tools/bench/bench_data_efficiency.py --mode analyzer        # index memory cap
 
+``--mode ltd_speed`` times one training step (forward + backward + AdamW) of a layer-heavy GPT-2
+(`--speed-*` sizes) with and without random-LTD at a fixed kept fraction, interleaved, median of
+`--speed-reps`: the compute random-LTD can save when the transformer layers, not the LM head,
+dominate.
+
 ``--mode analyzer`` builds one metric index of `--analyzer-samples` values twice, under a memory cap
 and in memory, and reports numpy's peak traced allocation of each (memmapped files excluded), their
 ratio, and whether the files are identical.
@@ -276,6 +281,59 @@ def bench_analyzer(args) -> None:
     )
 
 
+def bench_ltd_speed(args) -> None:
+    import transformers
+    from ds_data.random_ltd import RandomLTDState, convert_to_random_ltd
+
+    transformers.logging.set_verbosity_error()
+    layers, hidden, seqlen = args.speed_layers, args.speed_hidden, args.speed_seqlen
+    keep = int(seqlen * args.speed_keep)
+    models = {}
+    for arm in ("baseline", "random_ltd"):
+        torch.manual_seed(0)
+        cfg = transformers.GPT2Config(
+            n_layer=layers,
+            n_embd=hidden,
+            n_head=max(1, hidden // 64),
+            vocab_size=8192,
+            n_positions=seqlen,
+            bos_token_id=0,
+            eos_token_id=0,
+            use_cache=False,
+        )
+        model = transformers.GPT2LMHeadModel(cfg).train()
+        if arm == "random_ltd":
+            convert_to_random_ltd(model, list(range(1, layers - 1)), layers, RandomLTDState(0, keep))
+        models[arm] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+    ids = torch.randint(0, 8192, (args.batch, seqlen))
+    times = {arm: [] for arm in models}
+    for _ in range(args.speed_reps + 1):  # the first round warms up
+        for arm, (model, opt) in models.items():
+            t0 = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times[arm].append(time.perf_counter() - t0)
+    ms = {arm: round(1000 * statistics.median(t[1:]), 1) for arm, t in times.items()}
+    log(f"ltd_speed: {ms}")
+    print(
+        json.dumps(
+            {
+                "bench": "random_ltd_step_time",
+                "model": f"GPT-2 {layers}L/{hidden}H, vocab 8192",
+                "batch": args.batch,
+                "seqlen": seqlen,
+                "ltd_layers": layers - 2,
+                "kept_tokens": keep,
+                "threads": args.threads,
+                "ms_per_step_baseline": ms["baseline"],
+                "ms_per_step_random_ltd": ms["random_ltd"],
+                "ratio_ms_per_step_random_ltd_vs_baseline": round(ms["random_ltd"] / ms["baseline"], 3),
+            }
+        )
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=250, help="baseline optimizer steps (sets the token budget)")
@@ -300,13 +358,23 @@ def main() -> None:
     p.add_argument("--arms", default="baseline,seqlen_curriculum,random_ltd")
     p.add_argument("--trainer", choices=["auto", "ds_train", "torch"], default="auto")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "ds_bench"))
-    p.add_argument("--mode", choices=["train", "analyzer"], default="train")
+    p.add_argument("--mode", choices=["train", "ltd_speed", "analyzer"], default="train")
+    p.add_argument("--speed-layers", type=int, default=8)
+    p.add_argument("--speed-hidden", type=int, default=256)
+    p.add_argument("--speed-seqlen", type=int, default=256)
+    p.add_argument(
+        "--speed-keep", type=float, default=0.5, help="kept fraction of tokens in the middle layers"
+    )
+    p.add_argument("--speed-reps", type=int, default=10)
     p.add_argument("--analyzer-samples", type=int, default=4_000_000)
     p.add_argument("--analyzer-cap-mb", type=float, default=8.0)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.mode == "analyzer":
         bench_analyzer(args)
+        return
+    if args.mode == "ltd_speed":
+        bench_ltd_speed(args)
         return
     arms = args.arms.split(",")
     train = tokenize(ROOT / "data" / "corpus" / "python_docs_train.txt", Path(args.cache_dir))
