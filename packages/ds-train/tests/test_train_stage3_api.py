@@ -187,3 +187,32 @@ def test_zero_init_refuses_unsupported_arguments() -> None:
         Init(remote_device="nvme")
     with pytest.raises(ValueError, match="zero_quantized_weights"):
         Init(zero_quantized_weights=True)
+
+
+def _pretrained_worker(path: str, kind: str) -> dict:
+    import transformers
+    from ds_train.zero import GatheredParameters
+    from ds_train.zero.stage3_pretrained import from_pretrained_partitioned
+
+    cls = transformers.GPT2LMHeadModel if kind == "gpt2" else transformers.LlamaForCausalLM
+    model = from_pretrained_partitioned(cls, path, config=stage3_config("fp32", 2))
+    empty = all(p.numel() == 0 for p in model.parameters())
+    with GatheredParameters(list(model.parameters())):
+        state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {"empty": empty, "state": state}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_from_pretrained_partitioned_loads_a_transformers_checkpoint(tmp_path, kind: str) -> None:
+    from ds_train.zero.stage3_testing import hf_model
+
+    torch.manual_seed(3)
+    original = hf_model(kind).model
+    original.save_pretrained(tmp_path)
+    results = run_distributed(_pretrained_worker, 2, str(tmp_path), kind)
+    want = dict(original.named_parameters())
+    for res in results:
+        assert res["empty"]
+        assert set(res["state"]) == set(want)
+        for name, t in want.items():
+            assert torch.equal(res["state"][name], t.detach()), name

@@ -1,0 +1,104 @@
+"""transformers checkpoints into a ZeRO-3-partitioned model: `from_pretrained` without the whole model in memory.
+
+The model is built from its config under `zero.Init` (already partitioned), then the checkpoint is
+read tensor by tensor on rank 0 (safetensors are memory-mapped, so one tensor is resident at a time)
+and each is scattered through `GatheredParameters(modifier_rank=0)`: every rank keeps its piece only.
+transformers' own `from_pretrained` path for ZeRO-3 needs the `deepspeed` package; this is ours.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import torch
+from ds_core import comm
+from ds_core.logging import log_dist
+
+from ds_train.zero.init import GatheredParameters, Init
+
+__all__ = ["from_pretrained_partitioned"]
+
+
+def _checkpoint_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, n) for n in names]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                            "(only safetensors checkpoints are streamed)")
+
+
+def _broadcast_object(obj: Any) -> Any:
+    if not comm.is_initialized() or comm.get_world_size() == 1:
+        return obj
+    box = [obj]
+    comm.broadcast_object_list(box, 0)
+    return box[0]
+
+
+def from_pretrained_partitioned(model_class: Any, path: str, *, config: Any = None,
+                                dtype: Optional[torch.dtype] = None, **model_kwargs: Any) -> torch.nn.Module:
+    """`model_class` (e.g. `AutoModelForCausalLM` or `LlamaForCausalLM`) from the folder `path`, partitioned.
+
+    `config` is the ds_train config (its bf16/fp16 section picks the dtype unless `dtype` is given).
+    Every rank calls it; checkpoint keys that are not in the model and model tensors the checkpoint
+    lacks are reported (as transformers does); a shape mismatch is an error naming the key.
+    """
+    import transformers
+
+    hf_config = transformers.AutoConfig.from_pretrained(path, **model_kwargs)
+    rank = comm.get_rank() if comm.is_initialized() else 0
+    with Init(config_dict_or_path=config, dtype=dtype):
+        if hasattr(model_class, "from_config"):
+            model = model_class.from_config(hf_config)
+        else:
+            model = model_class(hf_config)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers())
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for file in _checkpoint_files(path):
+        handle = None
+        if rank == 0:
+            from safetensors import safe_open
+
+            handle = safe_open(file, framework="pt")
+        keys = _broadcast_object(sorted(handle.keys()) if handle is not None else None)
+        for key in keys:
+            target = params.get(key)
+            if target is None and key not in buffers:
+                unexpected.append(key)
+                continue
+            tensor = handle.get_tensor(key) if handle is not None else None
+            shape = _broadcast_object(tuple(tensor.shape) if tensor is not None else None)
+            if target is not None:
+                want = target.ds3.shape if hasattr(target, "ds3") else tuple(target.shape)
+                if tuple(shape) != tuple(want):
+                    raise ValueError(f"{file}: '{key}' has shape {tuple(shape)}, the model expects {tuple(want)}")
+                with GatheredParameters([target], modifier_rank=0):
+                    if rank == 0:
+                        with torch.no_grad():
+                            target.data.copy_(tensor)
+            else:
+                buf = buffers[key]
+                with torch.no_grad():
+                    if rank == 0:
+                        buf.copy_(tensor)
+                    if comm.is_initialized() and comm.get_world_size() > 1:
+                        comm.broadcast(buf, 0)
+            loaded.add(key)
+    missing = sorted(k for k in params if k not in loaded and not _tied_to_loaded(model, params, k, loaded))
+    if missing or unexpected:
+        log_dist(f"from_pretrained_partitioned({path}): missing {missing[:8]}, unexpected {unexpected[:8]}",
+                 ranks=[0])
+    return model
+
+
+def _tied_to_loaded(model: torch.nn.Module, params: dict[str, torch.Tensor], key: str, loaded: set[str]) -> bool:
+    """True when parameter `key` is the same tensor as one that was loaded (tied embeddings)."""
+    return any(params[key] is params[other] for other in loaded if other in params)
