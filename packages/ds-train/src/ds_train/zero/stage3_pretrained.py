@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from ds_core import comm
@@ -42,7 +42,7 @@ def _broadcast_object(obj: Any) -> Any:
 
 
 def from_pretrained_partitioned(model_class: Any, path: str, *, config: Any = None,
-                                dtype: Optional[torch.dtype] = None, **model_kwargs: Any) -> torch.nn.Module:
+                                dtype: torch.dtype | None = None, **model_kwargs: Any) -> torch.nn.Module:
     """`model_class` (e.g. `AutoModelForCausalLM` or `LlamaForCausalLM`) from the folder `path`, partitioned.
 
     `config` is the ds_train config (its bf16/fp16 section picks the dtype unless `dtype` is given).
