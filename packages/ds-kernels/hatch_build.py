@@ -10,6 +10,7 @@ Environment:
   DS_BUILD_CUDA=0|1  skip / force the CUDA library (default: build when nvcc and a CUDA torch are present)
   CXX, NVCC          compilers to use; DS_CUDA_ARCHS="80;90" the GPU architectures
 """
+
 from __future__ import annotations
 
 import os
@@ -25,10 +26,15 @@ from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "csrc")
 BASE_FLAGS = [
-    "-O3", "-fPIC", "-std=c++17", "-fopenmp", "-fvisibility=hidden",
-    "-fno-math-errno",      # lets sqrt vectorize (no errno to set)
-    "-ffp-contract=off",    # FMA only where the kernels ask for it, so results match the references
-    "-Wall", "-Wno-maybe-uninitialized",
+    "-O3",
+    "-fPIC",
+    "-std=c++17",
+    "-fopenmp",
+    "-fvisibility=hidden",
+    "-fno-math-errno",  # lets sqrt vectorize (no errno to set)
+    "-ffp-contract=off",  # FMA only where the kernels ask for it, so results match the references
+    "-Wall",
+    "-Wno-maybe-uninitialized",
 ]
 X86_ISAS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
@@ -67,14 +73,18 @@ def build_cpu_extension(out_path: str, build_dir: str) -> None:
     x86_def = ["-DDSK_HAVE_X86_PATHS"] if _is_x86() else []
     jobs = []
     for isa, flags in isas.items():
-        jobs.append((os.path.join(CSRC, "cpu", "kernels.cpp"), f"kernels_{isa}.o", [f"-DDSK_ISA={isa}", *flags]))
+        jobs.append(
+            (os.path.join(CSRC, "cpu", "kernels.cpp"), f"kernels_{isa}.o", [f"-DDSK_ISA={isa}", *flags])
+        )
     jobs.append((os.path.join(CSRC, "cpu", "dispatch.cpp"), "dispatch.o", x86_def))
     jobs.append((os.path.join(CSRC, "cpu", "aio_engine.cpp"), "aio_engine.o", []))
     jobs.append((os.path.join(CSRC, "bindings.cpp"), "bindings.o", py_inc))
     objects = [os.path.join(build_dir, obj) for _, obj, _ in jobs]
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        futures = [pool.submit(_run, [cxx, *BASE_FLAGS, *extra, "-c", src, "-o", os.path.join(build_dir, obj)])
-                   for src, obj, extra in jobs]
+        futures = [
+            pool.submit(_run, [cxx, *BASE_FLAGS, *extra, "-c", src, "-o", os.path.join(build_dir, obj)])
+            for src, obj, extra in jobs
+        ]
         for f in futures:
             f.result()
     _run([cxx, "-shared", "-fopenmp", *objects, "-o", out_path, "-lpthread"])
@@ -110,8 +120,21 @@ def cuda_arch_flags() -> list[str]:
 def build_cuda_library(out_path: str) -> None:
     """Compile csrc/cuda/*.cu into one shared library of extern "C" entry points (no libtorch)."""
     nvcc = os.environ.get("NVCC", "nvcc")
-    _run([nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *cuda_arch_flags(),
-          "-I" + os.path.join(CSRC, "cuda"), *cuda_sources(), "-o", out_path])
+    _run(
+        [
+            nvcc,
+            "-O3",
+            "-std=c++17",
+            "-shared",
+            "-Xcompiler",
+            "-fPIC",
+            *cuda_arch_flags(),
+            "-I" + os.path.join(CSRC, "cuda"),
+            *cuda_sources(),
+            "-o",
+            out_path,
+        ]
+    )
 
 
 class CustomBuildHook(BuildHookInterface):
@@ -137,8 +160,10 @@ class CustomBuildHook(BuildHookInterface):
             except Exception as exc:  # no compiler: ship the references (they warn once at run time)
                 if cpu_flag == "1":
                     raise
-                print(f"ds-kernels: CPU extension not built, the PyTorch references will be used: {exc}",
-                      file=sys.stderr)
+                print(
+                    f"ds-kernels: CPU extension not built, the PyTorch references will be used: {exc}",
+                    file=sys.stderr,
+                )
         if _want_cuda():
             target = os.path.join(out_dir, "_cuda_ops.so")
             build_cuda_library(target)

@@ -134,9 +134,8 @@ def make_ours_bf16_states(n: int):
 def loss_curves_fp32_vs_bf16_states(steps: int = 200) -> dict:
     """Train the same tiny GPT-2 (random init, the repo's tokenizer and Python-docs corpus) twice with
     DSCPUAdam, fp32 states vs bf16 states, same batches; compare the two loss curves."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
     from ds_kernels.optim import DSCPUAdam
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
     tok = AutoTokenizer.from_pretrained(os.path.join(root, "data", "tokenizer"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -60,9 +61,8 @@ def main() -> None:
         qt = quantize(w, bits, args.group, symmetric=True)
         for batch in (1, 16):
             x = torch.randn(batch, args.dim)
-            t = timed_interleaved(
-                {"ours": lambda: quantized_matmul(x, qt), "fp32": lambda: x @ w.t()}, args.iters
-            )
+            fns = {"ours": lambda x=x, qt=qt: quantized_matmul(x, qt), "fp32": lambda x=x: x @ w.t()}
+            t = timed_interleaved(fns, args.iters)
             ours = quantized_matmul(x, qt)
             ref = reference.quantized_matmul(x, qt.unpacked(), qt.scale, qt.zero_point, args.group)
             case = {
@@ -75,8 +75,6 @@ def main() -> None:
             }
             result["cases"][f"int{bits}_batch{batch}"] = case
             log(f"int{bits} batch {batch}: {case}")
-    import os
-
     result["load_avg_1m"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result))
 

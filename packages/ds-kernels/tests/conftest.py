@@ -1,8 +1,8 @@
 """Shared fixtures: run a test on every SIMD path this CPU can execute, plus the reference fallback."""
+
 from __future__ import annotations
 
 import pytest
-
 from ds_kernels import _loader
 
 

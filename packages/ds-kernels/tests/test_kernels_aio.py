@@ -1,4 +1,5 @@
 """Async file I/O: round trips on every engine, unaligned sizes and offsets, and the failure modes."""
+
 from __future__ import annotations
 
 import errno
@@ -7,7 +8,6 @@ import resource
 
 import pytest
 import torch
-
 from ds_kernels import aio
 from ds_kernels.aio import AsyncIO, aligned_empty
 

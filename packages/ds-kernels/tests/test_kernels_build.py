@@ -1,4 +1,5 @@
 """Build-level properties: CUDA sources compile (compile-only), ISA forcing, fallback, ds-report rows."""
+
 from __future__ import annotations
 
 import os
@@ -7,14 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ds_kernels
 import pytest
 import torch
-
-import ds_kernels
 from ds_kernels import _loader, report
 
 PKG = Path(__file__).resolve().parents[1]
-NVCC = os.environ.get("NVCC") or shutil.which("nvcc") or ("/usr/local/bin/nvcc" if os.path.exists("/usr/local/bin/nvcc") else None)
+NVCC = (
+    os.environ.get("NVCC")
+    or shutil.which("nvcc")
+    or ("/usr/local/bin/nvcc" if os.path.exists("/usr/local/bin/nvcc") else None)
+)
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
@@ -24,9 +28,25 @@ def test_cuda_sources_compile(tmp_path):
     assert sources, "no CUDA sources found"
     procs = [
         subprocess.Popen(
-            [NVCC, "-std=c++17", "-O2", "-Xcompiler", "-fPIC", "-gencode", "arch=compute_80,code=sm_80",
-             "-I", str(PKG / "csrc" / "cuda"), "-c", str(src), "-o", str(tmp_path / (src.stem + ".o"))],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                NVCC,
+                "-std=c++17",
+                "-O2",
+                "-Xcompiler",
+                "-fPIC",
+                "-gencode",
+                "arch=compute_80,code=sm_80",
+                "-I",
+                str(PKG / "csrc" / "cuda"),
+                "-c",
+                str(src),
+                "-o",
+                str(tmp_path / (src.stem + ".o")),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for src in sources
     ]
     failures = []
@@ -40,8 +60,9 @@ def test_cuda_sources_compile(tmp_path):
 
 
 def _run_python(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, **env}
+    )
 
 
 @pytest.mark.skipif(_loader.extension() is None, reason="extension not built")
@@ -49,9 +70,11 @@ def test_isa_env_var_forces_a_path_and_rejects_an_unknown_one():
     res = _run_python("import ds_kernels; print(ds_kernels.isa())", DS_KERNELS_ISA="scalar")
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "scalar"
-    bad = _run_python("import torch; from ds_kernels.optim import cpu_adam_step as f; "
-                      "t=torch.zeros(4); f(t,t.clone(),t.clone(),t.clone(),step=1,lr=1,beta1=.9,beta2=.9,eps=1,weight_decay=0)",
-                      DS_KERNELS_ISA="sse9")
+    bad = _run_python(
+        "import torch; from ds_kernels.optim import cpu_adam_step as f; "
+        "t=torch.zeros(4); f(t,t.clone(),t.clone(),t.clone(),step=1,lr=1,beta1=.9,beta2=.9,eps=1,weight_decay=0)",
+        DS_KERNELS_ISA="sse9",
+    )
     assert bad.returncode != 0 and "sse9" in bad.stderr
 
 
@@ -87,14 +110,41 @@ def test_lowp_conversion_rounds_like_torch_on_special_values(compiled_isa):
     """bf16/fp16 copies of the updated params: ties, subnormals, overflow, inf and nan as torch rounds them."""
     from ds_kernels.optim import cpu_lion_step
 
-    special = torch.tensor([0.0, -0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 65504.0, 65520.0, 1e6, -1e6, 6e-8, 3e-8,
-                            2.0**-24, 1e-40, float("inf"), float("-inf"), float("nan")] + [1.5] * 20)
+    special = torch.tensor(
+        [
+            0.0,
+            -0.0,
+            1.0 + 2**-8,
+            1.0 + 3 * 2**-8,
+            65504.0,
+            65520.0,
+            1e6,
+            -1e6,
+            6e-8,
+            3e-8,
+            2.0**-24,
+            1e-40,
+            float("inf"),
+            float("-inf"),
+            float("nan"),
+        ]
+        + [1.5] * 20
+    )
     for dtype in (torch.bfloat16, torch.float16):
         p = special.clone()
         out = torch.empty_like(p, dtype=dtype)
         # lr=0: the param is unchanged, so out must equal torch's own conversion of it.
-        cpu_lion_step(p, torch.zeros_like(p), torch.zeros_like(p), step=1, lr=0.0, beta1=0.9, beta2=0.99,
-                      weight_decay=0.0, param_out_lowp=out)
+        cpu_lion_step(
+            p,
+            torch.zeros_like(p),
+            torch.zeros_like(p),
+            step=1,
+            lr=0.0,
+            beta1=0.9,
+            beta2=0.99,
+            weight_decay=0.0,
+            param_out_lowp=out,
+        )
         expect = special.to(dtype)
         assert torch.equal(out.isnan(), expect.isnan())
         keep = ~expect.isnan()

@@ -1,15 +1,17 @@
 """CUDA ops against the torch references (need a GPU and the built _cuda_ops library)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from ds_kernels import cuda, reference
 from ds_kernels.quant import dequantize, quantize
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not cuda.available(), reason="needs a GPU and ds_kernels/_cuda_ops.so (tools/gpu_check.sh)"),
+    pytest.mark.skipif(
+        not cuda.available(), reason="needs a GPU and ds_kernels/_cuda_ops.so (tools/gpu_check.sh)"
+    ),
 ]
 
 

@@ -1,13 +1,20 @@
 """CPU optimizer kernels against the reference: odd sizes, every grad/out dtype, every ISA path."""
+
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
-
 from ds_kernels import reference
-from ds_kernels.optim import DSCPUAdagrad, DSCPUAdam, DSCPULion, cpu_adagrad_step, cpu_adam_step, cpu_lion_step
+from ds_kernels.optim import (
+    DSCPUAdagrad,
+    DSCPUAdam,
+    DSCPULion,
+    cpu_adagrad_step,
+    cpu_adam_step,
+    cpu_lion_step,
+)
 
 SIZES = [1, 7, 1023, 70001]  # 1023: not a multiple of any SIMD width; 70001 spans both threads' slices
 # fp32 results within 1e-6 relative; atol covers values that cancel to near zero (a few ulp of
@@ -69,7 +76,9 @@ def test_adam_matches_reference(isa, n, grad_dtype, out_dtype, adamw_mode):
 def test_adam_bias_correction_flag(compiled_isa, bias_correction):
     p, g, m, v = _tensors(513, torch.float32)
     p2, g2, m2, v2 = _clone((p, g, m, v))
-    kw = dict(step=1, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.0, bias_correction=bias_correction)
+    kw = dict(
+        step=1, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.0, bias_correction=bias_correction
+    )
     cpu_adam_step(p, g, m, v, **kw)
     reference.adam_step(p2, g2, m2, v2, **kw)
     torch.testing.assert_close(p, p2, rtol=RTOL, atol=ATOL)
@@ -234,4 +243,6 @@ def test_dscpuadam_bf16_states_keep_their_dtype_across_state_dict():
 def test_mixed_state_dtypes_are_rejected():
     p, g, m, v = _tensors(10, torch.float32)
     with pytest.raises(TypeError, match="share one dtype"):
-        cpu_adam_step(p, g, m.bfloat16(), v, step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+        cpu_adam_step(
+            p, g, m.bfloat16(), v, step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0
+        )

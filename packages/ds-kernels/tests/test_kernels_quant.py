@@ -1,9 +1,9 @@
 """Group-wise INT8/INT4 quantization and the fused dequantize+matmul against the reference."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from ds_kernels import reference
 from ds_kernels.quant import QuantizedTensor, dequantize, quantize, quantized_matmul
 

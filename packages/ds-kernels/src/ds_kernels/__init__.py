@@ -5,6 +5,7 @@
 - `ds_kernels.quant`: group-wise INT8/INT4 quantization and a fused dequantize+matmul.
 - `ds_kernels.reference`: the plain-PyTorch twin of every op (the fallback and the test oracle).
 """
+
 from ds_kernels._loader import isa, set_isa
 
 __version__ = "0.1.0"

@@ -1,8 +1,8 @@
 """Argument checks shared by the op wrappers: one clear error before any raw pointer is handed to C++."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Optional
 
 import torch
 
@@ -15,7 +15,7 @@ def check_host_tensor(
     name: str,
     t: torch.Tensor,
     dtypes: Iterable[torch.dtype],
-    numel: Optional[int] = None,
+    numel: int | None = None,
 ) -> None:
     """A contiguous CPU tensor of an allowed dtype (and of `numel` elements when given)."""
     if not isinstance(t, torch.Tensor):
@@ -23,7 +23,9 @@ def check_host_tensor(
     allowed = tuple(dtypes)
     if t.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise TypeError(f"{name}: dtype {str(t.dtype).replace('torch.', '')} not supported (expected {names})")
+        raise TypeError(
+            f"{name}: dtype {str(t.dtype).replace('torch.', '')} not supported (expected {names})"
+        )
     if t.device.type != "cpu":
         raise ValueError(f"{name}: expected a CPU tensor, got device {t.device}")
     if not t.is_contiguous():
@@ -32,9 +34,9 @@ def check_host_tensor(
         raise ValueError(f"{name}: has {t.numel()} elements, expected {numel} (same as param)")
 
 
-def dtype_code(t: Optional[torch.Tensor]) -> int:
+def dtype_code(t: torch.Tensor | None) -> int:
     return NO_TENSOR if t is None else DTYPE_CODES[t.dtype]
 
 
-def ptr(t: Optional[torch.Tensor]) -> int:
+def ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()

@@ -4,22 +4,22 @@ The extension (`ds_kernels._C`) is built at install time by hatch_build.py. It l
 it loads under any torch version; it can still be absent (no compiler at install, `DS_BUILD_CPU=0`).
 Callers then use the reference in `ds_kernels.reference` after one warning.
 """
+
 from __future__ import annotations
 
 import os
 from types import ModuleType
-from typing import Optional
 
 from ds_core.logging import warn_once
 
-_module: Optional[ModuleType] = None
-_error: Optional[str] = None
+_module: ModuleType | None = None
+_error: str | None = None
 _loaded = False
 
 ISA_ENV = "DS_KERNELS_ISA"
 
 
-def extension() -> Optional[ModuleType]:
+def extension() -> ModuleType | None:
     """The compiled module, or None (the reason is in `load_error()`)."""
     global _module, _error, _loaded
     if not _loaded:
@@ -42,7 +42,7 @@ def extension() -> Optional[ModuleType]:
     return _module
 
 
-def load_error() -> Optional[str]:
+def load_error() -> str | None:
     extension()
     return _error
 

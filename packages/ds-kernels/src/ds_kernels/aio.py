@@ -10,21 +10,23 @@ reported as done.
 O_DIRECT is used for the blocks whose memory, file offset and length are 4 KiB aligned (tensors from
 `aligned_empty` are); the rest go through the page cache, so any tensor and offset work.
 """
+
 from __future__ import annotations
 
 import errno as errno_mod
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Optional, Union
+from typing import Union
 
 import torch
+from ds_core.logging import warn_once
 
 from ds_kernels import _loader
 
 __all__ = ["AsyncIO", "Request", "aligned_empty", "available", "engines"]
 
-PathLike = Union[str, os.PathLike]
+PathLike = Union[str, os.PathLike]  # noqa: UP007 - a runtime alias, must work on Python 3.9
 _ENGINES = ("auto", "io_uring", "threads", "python-threads")
 
 
@@ -60,7 +62,9 @@ def _check_tensor(tensor: torch.Tensor, offset: int) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(tensor).__name__}")
     if tensor.device.type != "cpu":
-        raise ValueError(f"aio works on host tensors; got one on {tensor.device} (copy it to pinned CPU memory)")
+        raise ValueError(
+            f"aio works on host tensors; got one on {tensor.device} (copy it to pinned CPU memory)"
+        )
     if not tensor.is_contiguous():
         raise ValueError("aio needs a contiguous tensor")
     if offset < 0:
@@ -74,7 +78,7 @@ class Request:
         self.path, self.op, self.nbytes = path, op, nbytes
         self._waiter, self._poller = waiter, poller
         self._tensor = tensor  # keeps the memory alive while the engine writes into / reads from it
-        self._result: Optional[tuple[int, str]] = None
+        self._result: tuple[int, str] | None = None
         self._lock = threading.Lock()
 
     def wait(self) -> None:
@@ -94,8 +98,9 @@ class Request:
 class AsyncIO:
     """Submit/wait tensor I/O. `engine`: 'auto', 'io_uring', 'threads' or 'python-threads'."""
 
-    def __init__(self, block_size: int = 1 << 20, queue_depth: int = 32, threads: int = 4,
-                 engine: str = "auto") -> None:
+    def __init__(
+        self, block_size: int = 1 << 20, queue_depth: int = 32, threads: int = 4, engine: str = "auto"
+    ) -> None:
         if engine not in _ENGINES:
             raise ValueError(f"unknown aio engine {engine!r}; choose one of {', '.join(_ENGINES)}")
         if block_size <= 0 or block_size % 4096:
@@ -131,7 +136,7 @@ class AsyncIO:
     def wait_all(self) -> None:
         """Wait for every outstanding request; raises the first error after all have finished."""
         pending, self._pending = self._pending, []
-        first: Optional[OSError] = None
+        first: OSError | None = None
         for req in pending:
             try:
                 req.wait()
@@ -159,6 +164,15 @@ class AsyncIO:
         self.wait_all()
         if self._pool is not None:
             self._pool.shutdown()
+
+    def __del__(self) -> None:
+        # In-flight transfers hold raw pointers into their tensors: finish them before those can be freed.
+        pending = getattr(self, "_pending", [])
+        for req in pending:
+            try:
+                req.wait()
+            except OSError as exc:
+                warn_once(f"ds_kernels.aio: a request nobody waited for failed: {exc}")
 
     def __enter__(self) -> AsyncIO:
         return self

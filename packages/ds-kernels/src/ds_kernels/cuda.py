@@ -5,13 +5,13 @@ present (`DS_BUILD_CUDA=1` forces, `=0` skips). It exports plain C functions tak
 stream, so it links no libtorch. `available()` is False without it (or without a GPU); then callers use
 the torch references, which run on the GPU as ordinary torch ops.
 """
+
 from __future__ import annotations
 
 import ctypes
 import math
 import os
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 
@@ -21,8 +21,8 @@ from ds_kernels._checks import DTYPE_CODES
 __all__ = ["available", "status", "multi_tensor_adam", "quantize", "dequantize", "bias_gelu"]
 
 LIB_NAME = "_cuda_ops.so"
-_lib: Optional[ctypes.CDLL] = None
-_error: Optional[str] = None
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
 _loaded = False
 
 _P = ctypes.c_void_p
@@ -31,7 +31,7 @@ _F = ctypes.c_float
 _INT = ctypes.c_int
 
 
-def library() -> Optional[ctypes.CDLL]:
+def library() -> ctypes.CDLL | None:
     global _lib, _error, _loaded
     if not _loaded:
         _loaded = True
@@ -45,8 +45,25 @@ def library() -> Optional[ctypes.CDLL]:
             _error = f"cannot load {path}: {exc}"
             return None
         lib.ds_cuda_multi_tensor_adam.argtypes = [
-            _INT, ctypes.POINTER(_P), ctypes.POINTER(_P), ctypes.POINTER(_P), ctypes.POINTER(_P),
-            ctypes.POINTER(_I64), _INT, _F, _F, _F, _F, _F, _F, _F, _F, _F, _INT, _P]
+            _INT,
+            ctypes.POINTER(_P),
+            ctypes.POINTER(_P),
+            ctypes.POINTER(_P),
+            ctypes.POINTER(_P),
+            ctypes.POINTER(_I64),
+            _INT,
+            _F,
+            _F,
+            _F,
+            _F,
+            _F,
+            _F,
+            _F,
+            _F,
+            _F,
+            _INT,
+            _P,
+        ]
         lib.ds_cuda_quantize.argtypes = [_P, _INT, _I64, _I64, _INT, _INT, _P, _P, _P, _P]
         lib.ds_cuda_dequantize.argtypes = [_P, _INT, _P, _P, _I64, _I64, _P, _INT, _P]
         lib.ds_cuda_bias_gelu.argtypes = [_P, _P, _P, _I64, _I64, _INT, _INT, _P]
@@ -83,8 +100,9 @@ def _check(rc: int, op: str) -> None:
 
 def _on_gpu(name: str, t: torch.Tensor) -> None:
     if t.device.type == "cpu" or not t.is_contiguous():
-        raise ValueError(f"{name}: expected a contiguous GPU tensor, got device {t.device}, "
-                         f"contiguous={t.is_contiguous()}")
+        raise ValueError(
+            f"{name}: expected a contiguous GPU tensor, got device {t.device}, contiguous={t.is_contiguous()}"
+        )
 
 
 def _ptrs(ts: Sequence[torch.Tensor]):
@@ -92,10 +110,21 @@ def _ptrs(ts: Sequence[torch.Tensor]):
 
 
 @torch.no_grad()
-def multi_tensor_adam(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-                      exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], *, step: int,
-                      lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                      adamw_mode: bool = True, bias_correction: bool = True) -> None:
+def multi_tensor_adam(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    adamw_mode: bool = True,
+    bias_correction: bool = True,
+) -> None:
     """Adam/AdamW over many fp32 GPU tensors in few launches (grads fp32/bf16/fp16, all the same dtype)."""
     n = len(params)
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == n):
@@ -104,28 +133,66 @@ def multi_tensor_adam(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
         return
     gdtype = grads[0].dtype
     for i in range(n):
-        for name, t in (("params", params[i]), ("grads", grads[i]), ("exp_avgs", exp_avgs[i]),
-                        ("exp_avg_sqs", exp_avg_sqs[i])):
+        for name, t in (
+            ("params", params[i]),
+            ("grads", grads[i]),
+            ("exp_avgs", exp_avgs[i]),
+            ("exp_avg_sqs", exp_avg_sqs[i]),
+        ):
             _on_gpu(f"{name}[{i}]", t)
             if t.numel() != params[i].numel():
                 raise ValueError(f"{name}[{i}] has {t.numel()} elements, params[{i}] has {params[i].numel()}")
-        if params[i].dtype != torch.float32 or exp_avgs[i].dtype != torch.float32 or exp_avg_sqs[i].dtype != torch.float32:
+        if (
+            params[i].dtype != torch.float32
+            or exp_avgs[i].dtype != torch.float32
+            or exp_avg_sqs[i].dtype != torch.float32
+        ):
             raise TypeError(f"params[{i}] and its states must be fp32")
         if grads[i].dtype != gdtype or gdtype not in DTYPE_CODES:
-            raise TypeError(f"grads[{i}]: every grad must share one dtype of fp32/bf16/fp16, got {grads[i].dtype}")
+            raise TypeError(
+                f"grads[{i}]: every grad must share one dtype of fp32/bf16/fp16, got {grads[i].dtype}"
+            )
     if not available():
         for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
-            reference.adam_step(p, g, m, v, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                weight_decay=weight_decay, adamw_mode=adamw_mode, bias_correction=bias_correction)
+            reference.adam_step(
+                p,
+                g,
+                m,
+                v,
+                step=step,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                weight_decay=weight_decay,
+                adamw_mode=adamw_mode,
+                bias_correction=bias_correction,
+            )
         return
     bc1 = 1.0 - beta1**step if bias_correction else 1.0
     bc2 = 1.0 - beta2**step if bias_correction else 1.0
     decay = 1.0 - lr * weight_decay if adamw_mode else 1.0
     numels = (_I64 * n)(*[p.numel() for p in params])
     rc = _lib.ds_cuda_multi_tensor_adam(
-        n, _ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_sqs), numels, DTYPE_CODES[gdtype],
-        beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay, decay, lr / bc1, 1.0 / math.sqrt(bc2),
-        int(adamw_mode), _stream())
+        n,
+        _ptrs(params),
+        _ptrs(grads),
+        _ptrs(exp_avgs),
+        _ptrs(exp_avg_sqs),
+        numels,
+        DTYPE_CODES[gdtype],
+        beta1,
+        beta2,
+        1.0 - beta1,
+        1.0 - beta2,
+        eps,
+        weight_decay,
+        decay,
+        lr / bc1,
+        1.0 / math.sqrt(bc2),
+        int(adamw_mode),
+        _stream(),
+    )
     _check(rc, "multi_tensor_adam")
 
 
@@ -139,8 +206,18 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, symmetric: bool):
     data = torch.empty(*x.shape[:-1], last, dtype=torch.uint8 if bits == 4 else torch.int8, device=x.device)
     scale = torch.empty(n_groups, dtype=torch.float32, device=x.device)
     zp = None if symmetric else torch.empty(n_groups, dtype=torch.float32, device=x.device)
-    rc = _lib.ds_cuda_quantize(x.data_ptr(), DTYPE_CODES[x.dtype], n_groups, group_size, bits, int(symmetric),
-                               data.data_ptr(), scale.data_ptr(), 0 if zp is None else zp.data_ptr(), _stream())
+    rc = _lib.ds_cuda_quantize(
+        x.data_ptr(),
+        DTYPE_CODES[x.dtype],
+        n_groups,
+        group_size,
+        bits,
+        int(symmetric),
+        data.data_ptr(),
+        scale.data_ptr(),
+        0 if zp is None else zp.data_ptr(),
+        _stream(),
+    )
     _check(rc, "quantize")
     return QuantizedTensor(data, scale, zp, bits, group_size, x.shape, x.dtype)
 
@@ -152,18 +229,29 @@ def dequantize(qt, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(qt.shape, dtype=dtype, device=qt.data.device)
     n_groups = qt.shape.numel() // qt.group_size
     zp = 0 if qt.zero_point is None else qt.zero_point.data_ptr()
-    rc = _lib.ds_cuda_dequantize(qt.data.data_ptr(), qt.bits, qt.scale.data_ptr(), zp, n_groups, qt.group_size,
-                                 out.data_ptr(), DTYPE_CODES[dtype], _stream())
+    rc = _lib.ds_cuda_dequantize(
+        qt.data.data_ptr(),
+        qt.bits,
+        qt.scale.data_ptr(),
+        zp,
+        n_groups,
+        qt.group_size,
+        out.data_ptr(),
+        DTYPE_CODES[dtype],
+        _stream(),
+    )
     _check(rc, "dequantize")
     return out
 
 
-def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor] = None, approximate: str = "none") -> torch.Tensor:
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None = None, approximate: str = "none") -> torch.Tensor:
     """gelu(x + bias) in one pass; bias broadcasts over the last dim. approximate: 'none' (erf) or 'tanh'."""
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     if bias is not None and (bias.shape != (x.shape[-1],) or bias.dtype != x.dtype):
-        raise ValueError(f"bias must have shape ({x.shape[-1]},) and dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+        raise ValueError(
+            f"bias must have shape ({x.shape[-1]},) and dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}"
+        )
     if x.dtype not in DTYPE_CODES:
         raise TypeError(f"bias_gelu: x must be fp32, bf16 or fp16, got {x.dtype}")
     if not available() or x.device.type == "cpu":
@@ -172,7 +260,15 @@ def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor] = None, approximate:
     if bias is not None:
         _on_gpu("bias", bias)
     out = torch.empty_like(x)
-    rc = _lib.ds_cuda_bias_gelu(x.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(), x.numel(),
-                                x.shape[-1], DTYPE_CODES[x.dtype], int(approximate == "tanh"), _stream())
+    rc = _lib.ds_cuda_bias_gelu(
+        x.data_ptr(),
+        0 if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        x.numel(),
+        x.shape[-1],
+        DTYPE_CODES[x.dtype],
+        int(approximate == "tanh"),
+        _stream(),
+    )
     _check(rc, "bias_gelu")
     return out

@@ -5,10 +5,10 @@ halved (element 2i in the low nibble, 2i+1 in the high, both signed); `scale` (a
 asymmetric) are fp32 with one value per group of `group_size` consecutive elements of the last dim.
 Dequantized value: q * scale (+ zero_point). See `reference.quantize_groups` for the exact formulas.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -24,7 +24,7 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class QuantizedTensor:
     data: torch.Tensor
     scale: torch.Tensor
-    zero_point: Optional[torch.Tensor]
+    zero_point: torch.Tensor | None
     bits: int
     group_size: int
     shape: torch.Size
@@ -95,8 +95,16 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, symmetric: bool = True
         scale = torch.empty(n_groups, dtype=torch.float32)
         zero_point = None if symmetric else torch.empty(n_groups, dtype=torch.float32)
         _loader.extension().quantize(
-            ptr(x), dtype_code(x), n_groups, group_size, bits, bool(symmetric),
-            ptr(data), ptr(scale), ptr(zero_point), _loader.num_threads(),
+            ptr(x),
+            dtype_code(x),
+            n_groups,
+            group_size,
+            bits,
+            bool(symmetric),
+            ptr(data),
+            ptr(scale),
+            ptr(zero_point),
+            _loader.num_threads(),
         )
     else:
         q, scale, zero_point = reference.quantize_groups(x, bits, group_size, symmetric)
@@ -112,13 +120,17 @@ def _check_qt(qt: QuantizedTensor) -> None:
         raise TypeError(f"QuantizedTensor.data must be {expect} for {qt.bits} bits, got {qt.data.dtype}")
     want = qt.shape.numel() // 2 if qt.bits == 4 else qt.shape.numel()
     if qt.data.numel() != want:
-        raise ValueError(f"QuantizedTensor.data has {qt.data.numel()} elements, expected {want} for {tuple(qt.shape)}")
+        raise ValueError(
+            f"QuantizedTensor.data has {qt.data.numel()} elements, expected {want} for {tuple(qt.shape)}"
+        )
     for name, t in (("scale", qt.scale), ("zero_point", qt.zero_point)):
         if t is not None and (t.dtype != torch.float32 or t.numel() != n_groups):
-            raise ValueError(f"QuantizedTensor.{name} must be fp32 with {n_groups} values, got {t.dtype} x {t.numel()}")
+            raise ValueError(
+                f"QuantizedTensor.{name} must be fp32 with {n_groups} values, got {t.dtype} x {t.numel()}"
+            )
 
 
-def dequantize(qt: QuantizedTensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The float tensor that `qt` stands for, in `dtype` (default: the dtype it was quantized from)."""
     _check_qt(qt)
     dtype = dtype or qt.dtype
@@ -134,14 +146,21 @@ def dequantize(qt: QuantizedTensor, dtype: Optional[torch.dtype] = None) -> torc
         zp = None if qt.zero_point is None else qt.zero_point.contiguous()
         out = torch.empty(qt.shape, dtype=dtype)
         _loader.extension().dequantize(
-            ptr(data), qt.bits, ptr(scale), ptr(zp), n_groups, qt.group_size,
-            ptr(out), DTYPE_CODES[dtype], _loader.num_threads(),
+            ptr(data),
+            qt.bits,
+            ptr(scale),
+            ptr(zp),
+            n_groups,
+            qt.group_size,
+            ptr(out),
+            DTYPE_CODES[dtype],
+            _loader.num_threads(),
         )
         return out
     return reference.dequantize_groups(qt.unpacked(), qt.scale, qt.zero_point, qt.group_size).to(dtype)
 
 
-def quantized_matmul(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def quantized_matmul(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W.T for a weight W [out, in] quantized along `in`; x is [..., in]; result in x's dtype."""
     _check_qt(qt)
     if len(qt.shape) != 2:
@@ -162,9 +181,21 @@ def quantized_matmul(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.
         data, scale = qt.data.contiguous(), qt.scale.contiguous()
         zp = None if qt.zero_point is None else qt.zero_point.contiguous()
         _loader.extension().quantized_matmul(
-            ptr(x2), x2.shape[0], k, ptr(data), qt.bits, ptr(scale), ptr(zp),
-            n_out, qt.group_size, ptr(b), ptr(out), _loader.num_threads(),
+            ptr(x2),
+            x2.shape[0],
+            k,
+            ptr(data),
+            qt.bits,
+            ptr(scale),
+            ptr(zp),
+            n_out,
+            qt.group_size,
+            ptr(b),
+            ptr(out),
+            _loader.num_threads(),
         )
         return out.reshape(*lead, n_out).to(x.dtype)
-    out = reference.quantized_matmul(x.reshape(-1, k), qt.unpacked(), qt.scale, qt.zero_point, qt.group_size, bias)
+    out = reference.quantized_matmul(
+        x.reshape(-1, k), qt.unpacked(), qt.scale, qt.zero_point, qt.group_size, bias
+    )
     return out.reshape(*lead, n_out).to(x.dtype)

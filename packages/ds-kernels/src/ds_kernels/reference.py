@@ -3,10 +3,10 @@
 Each function has exactly the semantics of its compiled counterpart (same argument names, same in-place
 updates, same rounding of the low-precision copy), computed in fp32.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 
-def _write_lowp(param: torch.Tensor, param_out_lowp: Optional[torch.Tensor]) -> None:
+def _write_lowp(param: torch.Tensor, param_out_lowp: torch.Tensor | None) -> None:
     if param_out_lowp is not None:
         param_out_lowp.copy_(param.view_as(param_out_lowp))
 
@@ -42,15 +42,27 @@ def adam_step(
     weight_decay: float,
     adamw_mode: bool = True,
     bias_correction: bool = True,
-    param_out_lowp: Optional[torch.Tensor] = None,
+    param_out_lowp: torch.Tensor | None = None,
 ) -> None:
     """Adam (L2 weight decay added to the gradient) or AdamW (decoupled decay), DeepSpeed's formulas.
     bf16 states are updated in fp32 and rounded back once."""
     if exp_avg.dtype != torch.float32:
         m32, v32 = exp_avg.float(), exp_avg_sq.float()
-        adam_step(param, grad, m32, v32, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                  weight_decay=weight_decay, adamw_mode=adamw_mode, bias_correction=bias_correction,
-                  param_out_lowp=param_out_lowp)
+        adam_step(
+            param,
+            grad,
+            m32,
+            v32,
+            step=step,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            adamw_mode=adamw_mode,
+            bias_correction=bias_correction,
+            param_out_lowp=param_out_lowp,
+        )
         exp_avg.copy_(m32)
         exp_avg_sq.copy_(v32)
         return
@@ -81,7 +93,7 @@ def adagrad_step(
     lr: float,
     eps: float,
     weight_decay: float,
-    param_out_lowp: Optional[torch.Tensor] = None,
+    param_out_lowp: torch.Tensor | None = None,
 ) -> None:
     """Adagrad as DeepSpeed's cpu_adagrad: L2 decay into the gradient, running sum of squares."""
     del step  # Adagrad has no bias correction; the argument keeps the three optimizers' calls alike.
@@ -104,7 +116,7 @@ def lion_step(
     beta1: float,
     beta2: float,
     weight_decay: float,
-    param_out_lowp: Optional[torch.Tensor] = None,
+    param_out_lowp: torch.Tensor | None = None,
 ) -> None:
     """Lion (Chen et al. 2023): sign of the interpolated momentum, decoupled weight decay."""
     del step
@@ -125,7 +137,7 @@ def _qrange(bits: int, symmetric: bool) -> tuple[int, int]:
 
 def quantize_groups(
     x: torch.Tensor, bits: int, group_size: int, symmetric: bool
-) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Group-wise quantization along the last dim. Returns (q int8 unpacked, scale, zero_point).
 
     Symmetric: scale = absmax / qmax, q = round(x / scale) in [-qmax, qmax], x ~ q * scale.
@@ -148,7 +160,7 @@ def quantize_groups(
 
 
 def dequantize_groups(
-    q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], group_size: int
+    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group_size: int
 ) -> torch.Tensor:
     """Inverse of quantize_groups on unpacked int8 values; fp32 result of q's shape."""
     groups = q.reshape(-1, group_size).float() * scale[:, None]
@@ -177,9 +189,9 @@ def quantized_matmul(
     x: torch.Tensor,
     q: torch.Tensor,
     scale: torch.Tensor,
-    zero_point: Optional[torch.Tensor],
+    zero_point: torch.Tensor | None,
     group_size: int,
-    bias: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x @ W.T for W = dequantize(q) of shape [out, in] (q unpacked int8), result in fp32."""
     w = dequantize_groups(q, scale, zero_point, group_size)
@@ -189,7 +201,7 @@ def quantized_matmul(
     return out
 
 
-def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str = "none") -> torch.Tensor:
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str = "none") -> torch.Tensor:
     """gelu(x + bias) computed in fp32, returned in x's dtype."""
     v = x.float() if bias is None else x.float() + bias.float()
     return torch.nn.functional.gelu(v, approximate=approximate).to(x.dtype)

@@ -4,10 +4,10 @@ Each step reads the gradient in fp32, bf16 or fp16, updates the fp32 parameter a
 pass, and can write the updated parameter as bf16/fp16 into a second buffer for the copy back to the
 device. The compiled kernel is used when available, else the reference after one warning.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -26,8 +26,13 @@ def available() -> bool:
     return ext is not None and hasattr(ext, "adam_step")
 
 
-def _check_common(param: torch.Tensor, grad: torch.Tensor, states: dict, out: Optional[torch.Tensor],
-                  state_dtypes: tuple = (torch.float32,)) -> None:
+def _check_common(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    states: dict,
+    out: torch.Tensor | None,
+    state_dtypes: tuple = (torch.float32,),
+) -> None:
     check_host_tensor("param", param, (torch.float32,))
     n = param.numel()
     check_host_tensor("grad", grad, _GRAD_DTYPES, n)
@@ -59,30 +64,59 @@ def cpu_adam_step(
     weight_decay: float,
     adamw_mode: bool = True,
     bias_correction: bool = True,
-    param_out_lowp: Optional[torch.Tensor] = None,
+    param_out_lowp: torch.Tensor | None = None,
 ) -> None:
     """One Adam/AdamW update in place (see `reference.adam_step` for the formulas).
 
     The states may be fp32 or bf16 (both the same): bf16 states halve their memory and traffic; the
     math stays fp32 and the new states are rounded to nearest even."""
-    _check_common(param, grad, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, param_out_lowp,
-                  (torch.float32, torch.bfloat16))
+    _check_common(
+        param,
+        grad,
+        {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq},
+        param_out_lowp,
+        (torch.float32, torch.bfloat16),
+    )
     _check_step(step)
     if not available():
         _loader.fallback_warning("cpu_adam")
         reference.adam_step(
-            param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-            weight_decay=weight_decay, adamw_mode=adamw_mode, bias_correction=bias_correction,
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            step=step,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            adamw_mode=adamw_mode,
+            bias_correction=bias_correction,
             param_out_lowp=param_out_lowp,
         )
         return
     bc1 = 1.0 - beta1**step if bias_correction else 1.0
     bc2 = 1.0 - beta2**step if bias_correction else 1.0
     _loader.extension().adam_step(
-        ptr(param), ptr(grad), dtype_code(grad), ptr(exp_avg), ptr(exp_avg_sq), dtype_code(exp_avg),
-        ptr(param_out_lowp), dtype_code(param_out_lowp), param.numel(),
-        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(adamw_mode),
-        float(lr / bc1), float(1.0 / math.sqrt(bc2)), _loader.num_threads(),
+        ptr(param),
+        ptr(grad),
+        dtype_code(grad),
+        ptr(exp_avg),
+        ptr(exp_avg_sq),
+        dtype_code(exp_avg),
+        ptr(param_out_lowp),
+        dtype_code(param_out_lowp),
+        param.numel(),
+        float(lr),
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(weight_decay),
+        bool(adamw_mode),
+        float(lr / bc1),
+        float(1.0 / math.sqrt(bc2)),
+        _loader.num_threads(),
     )
 
 
@@ -95,7 +129,7 @@ def cpu_adagrad_step(
     lr: float,
     eps: float,
     weight_decay: float,
-    param_out_lowp: Optional[torch.Tensor] = None,
+    param_out_lowp: torch.Tensor | None = None,
 ) -> None:
     """One Adagrad update in place (see `reference.adagrad_step`)."""
     _check_common(param, grad, {"exp_avg_sq": exp_avg_sq}, param_out_lowp)
@@ -103,14 +137,28 @@ def cpu_adagrad_step(
     if not available():
         _loader.fallback_warning("cpu_adagrad")
         reference.adagrad_step(
-            param, grad, exp_avg_sq, step=step, lr=lr, eps=eps, weight_decay=weight_decay,
+            param,
+            grad,
+            exp_avg_sq,
+            step=step,
+            lr=lr,
+            eps=eps,
+            weight_decay=weight_decay,
             param_out_lowp=param_out_lowp,
         )
         return
     _loader.extension().adagrad_step(
-        ptr(param), ptr(grad), dtype_code(grad), ptr(exp_avg_sq),
-        ptr(param_out_lowp), dtype_code(param_out_lowp), param.numel(),
-        float(lr), float(eps), float(weight_decay), _loader.num_threads(),
+        ptr(param),
+        ptr(grad),
+        dtype_code(grad),
+        ptr(exp_avg_sq),
+        ptr(param_out_lowp),
+        dtype_code(param_out_lowp),
+        param.numel(),
+        float(lr),
+        float(eps),
+        float(weight_decay),
+        _loader.num_threads(),
     )
 
 
@@ -124,7 +172,7 @@ def cpu_lion_step(
     beta1: float,
     beta2: float,
     weight_decay: float,
-    param_out_lowp: Optional[torch.Tensor] = None,
+    param_out_lowp: torch.Tensor | None = None,
 ) -> None:
     """One Lion update in place (see `reference.lion_step`)."""
     _check_common(param, grad, {"exp_avg": exp_avg}, param_out_lowp)
@@ -132,12 +180,28 @@ def cpu_lion_step(
     if not available():
         _loader.fallback_warning("cpu_lion")
         reference.lion_step(
-            param, grad, exp_avg, step=step, lr=lr, beta1=beta1, beta2=beta2,
-            weight_decay=weight_decay, param_out_lowp=param_out_lowp,
+            param,
+            grad,
+            exp_avg,
+            step=step,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=weight_decay,
+            param_out_lowp=param_out_lowp,
         )
         return
     _loader.extension().lion_step(
-        ptr(param), ptr(grad), dtype_code(grad), ptr(exp_avg),
-        ptr(param_out_lowp), dtype_code(param_out_lowp), param.numel(),
-        float(lr), float(beta1), float(beta2), float(weight_decay), _loader.num_threads(),
+        ptr(param),
+        ptr(grad),
+        dtype_code(grad),
+        ptr(exp_avg),
+        ptr(param_out_lowp),
+        dtype_code(param_out_lowp),
+        param.numel(),
+        float(lr),
+        float(beta1),
+        float(beta2),
+        float(weight_decay),
+        _loader.num_threads(),
     )

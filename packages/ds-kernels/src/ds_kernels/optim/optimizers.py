@@ -4,10 +4,10 @@ Parameters must be fp32 CPU tensors (the master copy). `step(lowp_params_out=...
 updated parameter into a bf16/fp16 buffer, the one that is copied back to the device in ZeRO-Offload.
 State dicts are the standard torch layout: state[i] = {'step': int, 'exp_avg': ..., 'exp_avg_sq': ...}.
 """
+
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Callable, Optional
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -22,9 +22,7 @@ class _CPUOptimizer(torch.optim.Optimizer):
     def _flat_params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _lowp_targets(
-        self, lowp_params_out: Optional[Sequence]
-    ) -> dict[int, Optional[torch.Tensor]]:
+    def _lowp_targets(self, lowp_params_out: Sequence | None) -> dict[int, torch.Tensor | None]:
         params = self._flat_params()
         if lowp_params_out is None:
             return {}
@@ -44,7 +42,9 @@ class _CPUOptimizer(torch.optim.Optimizer):
         if not state:
             state["step"] = 0
             for name in self._state_names:
-                state[name] = torch.zeros_like(p, dtype=self._state_dtype, memory_format=torch.contiguous_format)
+                state[name] = torch.zeros_like(
+                    p, dtype=self._state_dtype, memory_format=torch.contiguous_format
+                )
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -55,13 +55,15 @@ class _CPUOptimizer(torch.optim.Optimizer):
                 if name in state and state[name].dtype != self._state_dtype:
                     state[name] = state[name].to(self._state_dtype)
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict,
-                out: Optional[torch.Tensor]) -> None:
+    def _update(
+        self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, out: torch.Tensor | None
+    ) -> None:
         raise NotImplementedError
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None,
-             lowp_params_out: Optional[Sequence] = None) -> Optional[float]:
+    def step(
+        self, closure: Callable[[], float] | None = None, lowp_params_out: Sequence | None = None
+    ) -> float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -73,8 +75,10 @@ class _CPUOptimizer(torch.optim.Optimizer):
                     continue
                 where = f"param_groups[{gi}]['params'][{pi}]"
                 if p.dtype != torch.float32 or p.device.type != "cpu":
-                    raise TypeError(f"{type(self).__name__}: {where} must be an fp32 CPU tensor, "
-                                    f"got {p.dtype} on {p.device}")
+                    raise TypeError(
+                        f"{type(self).__name__}: {where} must be an fp32 CPU tensor, "
+                        f"got {p.dtype} on {p.device}"
+                    )
                 if p.grad.is_sparse:
                     raise TypeError(f"{type(self).__name__}: {where} has a sparse gradient (not supported)")
                 if not p.is_contiguous():
@@ -82,12 +86,17 @@ class _CPUOptimizer(torch.optim.Optimizer):
                 state = self._init_state(p)
                 state["step"] += 1
                 out = outs.get(id(p))
-                self._update(p.view(-1), p.grad.contiguous().view(-1), state, group,
-                             None if out is None else out.view(-1))
+                self._update(
+                    p.view(-1),
+                    p.grad.contiguous().view(-1),
+                    state,
+                    group,
+                    None if out is None else out.view(-1),
+                )
         return loss
 
 
-def _check_range(name: str, value: float, lo: float, hi: Optional[float] = None) -> None:
+def _check_range(name: str, value: float, lo: float, hi: float | None = None) -> None:
     if value < lo or (hi is not None and value >= hi):
         bound = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
         raise ValueError(f"invalid {name}: {value} (must be {bound})")
@@ -101,9 +110,17 @@ class DSCPUAdam(_CPUOptimizer):
 
     _state_names = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, adamw_mode: bool = True,
-                 bias_correction: bool = True, state_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        adamw_mode: bool = True,
+        bias_correction: bool = True,
+        state_dtype: torch.dtype = torch.float32,
+    ) -> None:
         if state_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
         self._state_dtype = state_dtype
@@ -112,15 +129,32 @@ class DSCPUAdam(_CPUOptimizer):
         _check_range("betas[0]", betas[0], 0.0, 1.0)
         _check_range("betas[1]", betas[1], 0.0, 1.0)
         _check_range("weight_decay", weight_decay, 0.0)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        adamw_mode=adamw_mode, bias_correction=bias_correction)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            adamw_mode=adamw_mode,
+            bias_correction=bias_correction,
+        )
         super().__init__(params, defaults)
 
     def _update(self, p, grad, state, group, out):
-        cpu_adam_step(p, grad, state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1), step=state["step"],
-                      lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
-                      weight_decay=group["weight_decay"], adamw_mode=group["adamw_mode"],
-                      bias_correction=group["bias_correction"], param_out_lowp=out)
+        cpu_adam_step(
+            p,
+            grad,
+            state["exp_avg"].view(-1),
+            state["exp_avg_sq"].view(-1),
+            step=state["step"],
+            lr=group["lr"],
+            beta1=group["betas"][0],
+            beta2=group["betas"][1],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            adamw_mode=group["adamw_mode"],
+            bias_correction=group["bias_correction"],
+            param_out_lowp=out,
+        )
 
 
 class DSCPUAdagrad(_CPUOptimizer):
@@ -128,15 +162,25 @@ class DSCPUAdagrad(_CPUOptimizer):
 
     _state_names = ("exp_avg_sq",)
 
-    def __init__(self, params: Iterable, lr: float = 1e-2, eps: float = 1e-10, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self, params: Iterable, lr: float = 1e-2, eps: float = 1e-10, weight_decay: float = 0.0
+    ) -> None:
         _check_range("lr", lr, 0.0)
         _check_range("eps", eps, 0.0)
         _check_range("weight_decay", weight_decay, 0.0)
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
 
     def _update(self, p, grad, state, group, out):
-        cpu_adagrad_step(p, grad, state["exp_avg_sq"].view(-1), step=state["step"], lr=group["lr"],
-                         eps=group["eps"], weight_decay=group["weight_decay"], param_out_lowp=out)
+        cpu_adagrad_step(
+            p,
+            grad,
+            state["exp_avg_sq"].view(-1),
+            step=state["step"],
+            lr=group["lr"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            param_out_lowp=out,
+        )
 
 
 class DSCPULion(_CPUOptimizer):
@@ -144,8 +188,13 @@ class DSCPULion(_CPUOptimizer):
 
     _state_names = ("exp_avg",)
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+    ) -> None:
         _check_range("lr", lr, 0.0)
         _check_range("betas[0]", betas[0], 0.0, 1.0)
         _check_range("betas[1]", betas[1], 0.0, 1.0)
@@ -153,6 +202,14 @@ class DSCPULion(_CPUOptimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
 
     def _update(self, p, grad, state, group, out):
-        cpu_lion_step(p, grad, state["exp_avg"].view(-1), step=state["step"], lr=group["lr"],
-                      beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"],
-                      param_out_lowp=out)
+        cpu_lion_step(
+            p,
+            grad,
+            state["exp_avg"].view(-1),
+            step=state["step"],
+            lr=group["lr"],
+            beta1=group["betas"][0],
+            beta2=group["betas"][1],
+            weight_decay=group["weight_decay"],
+            param_out_lowp=out,
+        )
