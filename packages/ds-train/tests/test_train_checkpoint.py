@@ -249,3 +249,13 @@ def test_zero_to_fp32_matches_the_live_master_weights(saved, tmp_path: Path) -> 
     assert zero_to_fp32_main([str(root), str(out_pt)]) == 0
     assert torch.equal(torch.load(out_pt, weights_only=True)["down.bias"], live["down.bias"])
     assert zero_to_fp32_main([str(tmp_path / "nothing"), str(out)]) == 2
+
+
+def test_load_module_only_restores_weights_but_not_the_training_state(saved) -> None:
+    engine, root = saved
+    fresh, _ = _engine(2, "fp32", 1, seed=11)  # another stage: the module state is stage-independent
+    fresh.load_checkpoint(str(root), tag="t", load_module_only=True)
+    assert fresh.global_steps == 0
+    live, loaded = engine.get_fp32_state_dict(), fresh.get_fp32_state_dict()
+    assert all(torch.equal(live[n], loaded[n]) for n in live)
+    assert not fresh.optimizer.state  # optimizer untouched: no moments before its first step
