@@ -149,3 +149,29 @@ def test_lowp_conversion_rounds_like_torch_on_special_values(compiled_isa):
         assert torch.equal(out.isnan(), expect.isnan())
         keep = ~expect.isnan()
         assert torch.equal(out[keep].view(torch.int16), expect[keep].view(torch.int16)), dtype
+
+
+OBJ_DIR = PKG / "build" / "ext" / "obj"
+
+
+@pytest.mark.skipif(
+    shutil.which("objdump") is None or not (OBJ_DIR / "kernels_scalar.o").exists(),
+    reason="needs objdump and the objects of a local build (packages/ds-kernels/build/ext/obj)",
+)
+def test_per_isa_objects_hold_only_their_instructions():
+    """The baseline copy must run on any x86-64 (no AVX registers); the SIMD copies really vectorize
+    sqrt (-fno-math-errno) instead of calling libm."""
+
+    def disasm(name: str) -> str:
+        return subprocess.run(
+            ["objdump", "-d", "--no-show-raw-insn", str(OBJ_DIR / name)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    scalar = disasm("kernels_scalar.o")
+    assert "%ymm" not in scalar and "%zmm" not in scalar
+    assert "sqrtf" not in scalar  # no errno-setting libm call in the loop
+    assert "vsqrtps %zmm" in disasm("kernels_avx512.o").replace("\t", " ").replace("  ", " ")
+    assert "vsqrtps %ymm" in disasm("kernels_avx2.o").replace("\t", " ").replace("  ", " ")
