@@ -44,3 +44,30 @@ def test_layout_json_round_trip() -> None:
 def test_large_parameter_gets_its_own_bucket() -> None:
     layout = build_layout(["small", "big", "tail"], [(2,), (50,), (3,)], 2, 10)
     assert [(b.first_param, b.last_param) for b in layout.buckets] == [(0, 2), (2, 3)]
+
+
+@pytest.mark.parametrize("world", [64, 512])
+def test_stage2_plan_at_large_world_sizes_on_the_fake_backend(world: int) -> None:
+    """torch's `fake` process group runs no communication: it checks the sharding plan and that every
+    collective the engine issues is well-formed at world sizes this machine cannot spawn."""
+    import ds_train
+    import torch.distributed as dist
+    from ds_train.testing import engine_config, lm_loss, make_batch, make_model
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=world - 1, world_size=world)
+    try:
+        engine, *_ = ds_train.initialize(model=make_model(), config=engine_config(2, "bf16", 1, world))
+        ids = make_batch(0, 0, 0)
+        engine.backward(lm_loss(engine(ids), ids))
+        engine.step()
+        layout = engine.strategy.layouts()[0]
+        psi = sum(p.numel() for p in engine.module.parameters())
+        assert layout.parts == world and layout.numel >= psi
+        # padding is at most world - 1 elements per bucket
+        assert layout.numel - psi <= len(layout.buckets) * (world - 1)
+        held = {k: sum(t.numel() for t in v) for k, v in engine.strategy.model_state_tensors().items()}
+        shard = layout.numel // world
+        assert held == {"params": layout.numel, "grads": shard, "master": shard, "optimizer": 2 * shard}
+    finally:
+        dist.destroy_process_group()
