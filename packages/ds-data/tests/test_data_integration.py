@@ -224,3 +224,66 @@ def test_data_loader_uses_num_workers_and_parent_switch_off_disables(tmp_path):
     cfg["data_efficiency"]["data_sampling"]["enabled"] = False
     de = DataEfficiency.from_ds_config(cfg)  # a one-time warning names the switch
     assert not de.enabled and not de.needs_data_sampler
+
+
+def test_deepspeed_docs_style_config_validates():
+    """The shape of DeepSpeed's documented data_efficiency example is accepted unchanged."""
+    from ds_data.config import parse_data_efficiency
+
+    cfg = parse_data_efficiency(
+        {
+            "enabled": True,
+            "seed": 1234,
+            "data_routing": {
+                "enabled": True,
+                "random_ltd": {
+                    "enabled": True,
+                    "total_layer_num": 24,
+                    "random_ltd_layer_num": 22,
+                    "random_ltd_layer_id": list(range(1, 23)),
+                    "model_mask_name": "attention_mask",
+                    "model_type": "decoder",
+                    "hidden_state_order": "seq_batch_dim",
+                    "random_ltd_schedule": {
+                        "min_value": 128,
+                        "max_value": 2048,
+                        "schedule_type": "fixed_linear",
+                        "schedule_config": {"require_steps": 200000, "seq_per_step": 16},
+                    },
+                },
+            },
+            "data_sampling": {
+                "enabled": True,
+                "num_epochs": 1,
+                "num_workers": 0,
+                "curriculum_learning": {
+                    "enabled": True,
+                    "data_cluster_path": "/tmp/clusters",
+                    "curriculum_metrics": {
+                        "vocabularyrarity": {
+                            "index_to_sample_path": "/data/vocab_rarity_index_to_sample_percentile_merged",
+                            "index_to_metric_path": "/data/vocab_rarity_index_to_metric",
+                            "difficulty_type": "percentile",
+                            "clustering_type": "schedule_based",
+                            "min_difficulty": 1,
+                            "max_difficulty": 100,
+                            "schedule_type": "fixed_root",
+                            "schedule_config": {
+                                "total_curriculum_step": 110000,
+                                "difficulty_step": 1,
+                                "root_degree": 2,
+                            },
+                        },
+                        "seqlen_truncate": {
+                            "min_difficulty": 80,
+                            "max_difficulty": 2048,
+                            "schedule_type": "fixed_linear",
+                            "schedule_config": {"total_curriculum_step": 110000, "difficulty_step": 8},
+                        },
+                    },
+                },
+            },
+        }
+    )
+    assert cfg.random_ltd_enabled and cfg.curriculum_enabled
+    assert cfg.data_routing.random_ltd.random_ltd_schedule.schedule_config.seq_per_step == 16

@@ -194,12 +194,13 @@ def _rank_draws(index_path, steps):
     return torch.cat(gathered, dim=1).tolist()  # [steps, 6 * world] in rank order
 
 
-def test_real_processes_draw_disjoint_shares_equal_to_the_single_process_global_batch(indexes):
+@pytest.mark.parametrize("world", [2, 4])
+def test_real_processes_draw_disjoint_shares_equal_to_the_single_process_global_batch(indexes, world):
     steps = 25
-    results = run_distributed(_rank_draws, 2, str(indexes["len"].path), steps)
-    reference = CurriculumSampler({"len": (indexes["len"], metric_cfg(10, 100, 20))}, 3, 0, 2, 2, seed=7)
+    results = run_distributed(_rank_draws, world, str(indexes["len"].path), steps)
+    reference = CurriculumSampler({"len": (indexes["len"], metric_cfg(10, 100, 20))}, 3, 0, world, 2, seed=7)
     expected = [reference.next_global_batch().tolist() for _ in range(steps)]
-    assert results[0] == results[1] == expected
+    assert all(r == expected for r in results)
     for row in expected:
         assert len(set(row)) == len(row)
 
