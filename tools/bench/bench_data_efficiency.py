@@ -303,7 +303,7 @@ def bench_ltd_speed(args) -> None:
         )
         model = transformers.GPT2LMHeadModel(cfg).train()
         if arm == "random_ltd":
-            convert_to_random_ltd(model, list(range(1, layers - 1)), layers, RandomLTDState(0, keep))
+            convert_to_random_ltd(model, list(range(1, layers - 1)), layers, RandomLTDState(keep))
         models[arm] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
     ids = torch.randint(0, 8192, (args.batch, seqlen))
     times = {arm: [] for arm in models}

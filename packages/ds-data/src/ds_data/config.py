@@ -321,7 +321,11 @@ class DataEfficiencyConfig(DSConfigModel):
     """DeepSpeed's ``data_efficiency`` section."""
 
     enabled: bool = Field(False, description="Master switch of the data efficiency library.")
-    seed: int = Field(1234, description="Seed of the curriculum sampler and of random-LTD's token choice.")
+    seed: int = Field(
+        1234,
+        description="Seed of the curriculum sampler. Random-LTD draws tokens from torch's global RNG (so "
+        "activation checkpointing recomputes the same choice), seeded by torch.manual_seed.",
+    )
     data_sampling: DataSamplingConfig = Field(
         default_factory=DataSamplingConfig, description="Curriculum sampling."
     )

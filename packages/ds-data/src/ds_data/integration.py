@@ -60,10 +60,11 @@ class DataEfficiency:
         self.token_lr: LayerTokenLR | None = None
         self.sampler = None
         self.global_step = -1
+        self.data_parallel_rank = data_parallel_rank  # default rank of build_data_sampler/build_data_loader
         self._warn_switched_off()
         self._setup_seqlen()
         if self.config.random_ltd_enabled:
-            self._setup_random_ltd(global_batch_size, train_iters, data_parallel_rank)
+            self._setup_random_ltd(global_batch_size, train_iters)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -132,7 +133,7 @@ class DataEfficiency:
             self.seqlen_scheduler = CurriculumScheduler(metric)
             self.seqlen_mode = "truncate" if name == "seqlen_truncate" else "reshape"
 
-    def _setup_random_ltd(self, global_batch_size: int | None, train_iters: int | None, rank: int) -> None:
+    def _setup_random_ltd(self, global_batch_size: int | None, train_iters: int | None) -> None:
         cfg = self.config.data_routing.random_ltd
         batch = cfg.global_batch_size or global_batch_size
         if batch is None:
@@ -141,10 +142,8 @@ class DataEfficiency:
                 "random_ltd.global_batch_size or train_batch_size, or pass global_batch_size="
             )
         self.random_ltd = RandomLTDScheduler(cfg, batch)
-        # each data-parallel rank drops different tokens; the seed keeps it reproducible
-        self.ltd_state = RandomLTDState(
-            seed=self.config.seed + 7919 * rank, keep=self.random_ltd.current_value
-        )
+        # token choices use torch's global RNG (checkpoint-safe); the engine seeds and checkpoints it
+        self.ltd_state = RandomLTDState(keep=self.random_ltd.current_value)
         lr_cfg = cfg.layer_token_lr_schedule
         if lr_cfg.enabled:
             total = lr_cfg.total_layer_tokens
@@ -235,7 +234,7 @@ class DataEfficiency:
     def build_data_sampler(
         self,
         micro_batch_size: int,
-        data_parallel_rank: int = 0,
+        data_parallel_rank: int | None = None,
         data_parallel_size: int = 1,
         gradient_accumulation_steps: int = 1,
     ):
@@ -243,6 +242,7 @@ class DataEfficiency:
 
         It yields this rank's micro-batches (lists of sample ids), `gradient_accumulation_steps` of them
         per optimizer step; batches are always full (the sampler rolls into the next epoch).
+        `data_parallel_rank` defaults to the one given to `from_ds_config`.
         """
         if not self.needs_data_sampler:
             raise ValueError(
@@ -254,7 +254,7 @@ class DataEfficiency:
         self.sampler = CurriculumSampler.from_config(
             self.config,
             micro_batch_size=micro_batch_size,
-            data_parallel_rank=data_parallel_rank,
+            data_parallel_rank=self.data_parallel_rank if data_parallel_rank is None else data_parallel_rank,
             data_parallel_size=data_parallel_size,
             gradient_accumulation_steps=gradient_accumulation_steps,
         )
@@ -264,7 +264,7 @@ class DataEfficiency:
         self,
         dataset: Any,
         micro_batch_size: int,
-        data_parallel_rank: int = 0,
+        data_parallel_rank: int | None = None,
         data_parallel_size: int = 1,
         gradient_accumulation_steps: int = 1,
         collate_fn: Any = None,

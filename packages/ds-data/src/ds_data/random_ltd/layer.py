@@ -34,19 +34,21 @@ _CACHE_ARGS = ("cache", "layer_past", "past_key_value", "past_key_values")
 
 
 class RandomLTDState:
-    """What every wrapped layer of one model shares: the kept-token count and the random generator."""
+    """What every converted layer of one model shares: the kept-token count.
 
-    def __init__(self, seed: int, keep: int | None = None) -> None:
+    Token choices come from torch's global RNG on the hidden states' device (as in DeepSpeed):
+    activation checkpointing saves and restores that RNG around recomputation, so a recomputed
+    layer drops exactly the tokens its first forward dropped. Seed it with ``torch.manual_seed``.
+    """
+
+    def __init__(self, keep: int | None = None) -> None:
         self.keep = keep
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(seed)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"keep": self.keep, "generator": self.generator.get_state()}
+        return {"keep": self.keep}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.keep = state["keep"]
-        self.generator.set_state(state["generator"])
 
 
 class RandomLTDLayer:
@@ -98,7 +100,7 @@ class RandomLTDLayer:
         batch, seqlen = hidden.shape[0], hidden.shape[1]
         if keep >= seqlen:
             return self.plain_forward(*args, **kwargs)
-        idx = sample_kept_indices(batch, seqlen, keep, hidden.device, self.ltd_state.generator)
+        idx = sample_kept_indices(batch, seqlen, keep, hidden.device)
         short = gather_tokens(hidden, idx)
         arguments[self._hidden_name] = short.transpose(0, 1) if self.seq_first else short
         self._gather_arguments(arguments, idx, seqlen)

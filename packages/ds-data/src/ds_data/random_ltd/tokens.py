@@ -18,9 +18,10 @@ def sample_kept_indices(
     """``[batch, keep]`` sorted random token positions, drawn independently for each sample."""
     if not 0 < keep <= seqlen:
         raise ValueError(f"keep must be in [1, {seqlen}], got {keep}")
-    # argsort of uniform noise = a uniform random permutation per row; cheaper than randperm in a loop
+    # argsort of uniform noise = a uniform random permutation per row; cheaper than randperm in a loop.
+    # Without a generator the noise comes from the global RNG of `device` (checkpoint-safe).
     noise = torch.rand(
-        batch, seqlen, generator=generator, device="cpu" if generator is None else generator.device
+        batch, seqlen, generator=generator, device=device if generator is None else generator.device
     )
     kept = noise.argsort(dim=1)[:, :keep].sort(dim=1).values
     return kept.to(device)
