@@ -6,7 +6,7 @@ import pytest
 import torch
 from ds_core.config import ConfigError, parse_config
 from ds_data.config import CurriculumLegacyConfig
-from ds_data.curriculum import CurriculumScheduler, reshape_batch, truncate_batch
+from ds_data.curriculum import CurriculumScheduler, batch_seqlen, reshape_batch, truncate_batch
 
 
 def legacy(schedule_type, schedule_config, lo=8, hi=64):
@@ -100,6 +100,10 @@ def test_truncate_batch_cuts_every_sequence_tensor_and_keeps_others():
     assert out["doc_id"].tolist() == [3, 4] and out["name"] == "x"
     assert truncate_batch((ids, ids), 4)[1].shape == (2, 4)
     assert truncate_batch(ids, 99) is ids
+    flags = {"use_cache": False, "doc": torch.tensor([1, 2])}  # nothing with a sequence dimension
+    assert truncate_batch(flags, 4) is flags and reshape_batch(flags, 4) is flags
+    with pytest.raises(TypeError, match="sequence dimension"):
+        batch_seqlen(flags)
 
 
 def test_reshape_batch_keeps_all_tokens_and_restarts_positions():

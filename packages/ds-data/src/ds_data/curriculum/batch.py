@@ -29,15 +29,22 @@ def _tensors(batch: Any) -> list[torch.Tensor]:
     return []
 
 
-def batch_seqlen(batch: Any) -> int:
-    """The sequence length T of a batch (see the module docstring)."""
+def _find_seqlen(batch: Any) -> int | None:
     for t in _tensors(batch):
         if t.dim() >= 2:
             return int(t.shape[1])
-    raise TypeError(
-        f"cannot find a sequence dimension in a batch of type {type(batch).__name__}: expected a tensor [B, T, ...], "
-        "a tuple/list of tensors, or a dict with 'input_ids'"
-    )
+    return None
+
+
+def batch_seqlen(batch: Any) -> int:
+    """The sequence length T of a batch (see the module docstring)."""
+    seqlen = _find_seqlen(batch)
+    if seqlen is None:
+        raise TypeError(
+            f"cannot find a sequence dimension in a batch of type {type(batch).__name__}: expected a tensor "
+            "[B, T, ...], a tuple/list of tensors, or a dict with 'input_ids'"
+        )
+    return seqlen
 
 
 def _map(batch: Any, fn) -> Any:
@@ -50,9 +57,12 @@ def _map(batch: Any, fn) -> Any:
 
 
 def truncate_batch(batch: Any, seqlen: int) -> Any:
-    """Keep the first `seqlen` positions of every sequence tensor; a no-op when the batch is not longer."""
-    full = batch_seqlen(batch)
-    if seqlen >= full:
+    """Keep the first `seqlen` positions of every sequence tensor.
+
+    A no-op when the batch is not longer, or holds no tensor with a sequence dimension (e.g. a
+    micro-batch's keyword arguments without tensors)."""
+    full = _find_seqlen(batch)
+    if full is None or seqlen >= full:
         return batch
 
     def cut(_key, t: torch.Tensor) -> torch.Tensor:
@@ -71,8 +81,8 @@ def reshape_batch(batch: Any, seqlen: int) -> Any:
     Tokens past the last full row (``T % seqlen`` per sequence) are dropped; ``position_ids`` restart at
     0 in every new row. A square 4-D attention mask cannot be folded and raises an error.
     """
-    full = batch_seqlen(batch)
-    if seqlen >= full:
+    full = _find_seqlen(batch)
+    if full is None or seqlen >= full:
         return batch
     rows = full // seqlen
     keep = rows * seqlen
