@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -36,11 +37,22 @@ def _run(python: str, impl: str, stage: int, dtype: str, steps: int, warmup: int
     cmd = [python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            str(WORKER),
            "--impl", impl, "--stage", str(stage), "--dtype", dtype, "--steps", str(steps), "--warmup", str(warmup)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"{impl} stage {stage} {dtype} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    for attempt in range(2):  # a run that dies or hangs (e.g. a rank killed on a busy machine) is retried once
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
+            proc.communicate()
+            print(f"# {impl} stage {stage} {dtype}: timed out (attempt {attempt + 1})", file=sys.stderr, flush=True)
+            continue
+        for line in stdout.splitlines():
+            if line.startswith("RESULT "):
+                return json.loads(line[len("RESULT "):])
+        print(f"# {impl} stage {stage} {dtype} failed (attempt {attempt + 1}):\n{stderr[-2000:]}",
+              file=sys.stderr, flush=True)
+    raise RuntimeError(f"{impl} stage {stage} {dtype} failed twice; see the messages above")
 
 
 def main() -> None:

@@ -28,6 +28,9 @@ from ds_train.zero.strategy import ShardReader, StepResult, ZeroStrategy
 __all__ = ["ZeroStage012"]
 
 
+_MAX_INFLIGHT = 2  # stage-2 bucket reductions in flight at once (each holds one staging buffer)
+
+
 class _Pending:
     """An in-flight reduction and what to do once it lands."""
 
@@ -136,6 +139,7 @@ class ZeroStage012(ZeroStrategy):
         self._order = [(gi, bi) for gi in reversed(range(len(self._layouts)))
                        for bi in reversed(range(len(self._layouts[gi].buckets)))]
         self._sync = False
+        self._pool: dict[int, list[torch.Tensor]] = {}  # stage 2: free staging buffers by size
         self._first_micro = True  # stage 2: the first micro step writes its piece instead of adding
         self._reset_backward_state()
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for ps in self.params for p in ps]
@@ -201,11 +205,19 @@ class ZeroStage012(ZeroStrategy):
             self._launch_ready()
 
     def _staging_buffer(self, gi: int, bi: int) -> torch.Tensor:
+        """Stage 2: the bucket-sized buffer gradients are copied into, reused from a small pool."""
         buf = self._staging.get((gi, bi))
         if buf is None:
-            buf = torch.zeros(self._layouts[gi].buckets[bi].numel, dtype=self.grad_dtype, device=self.device)
+            n = self._layouts[gi].buckets[bi].numel
+            free = self._pool.get(n)
+            buf = free.pop().zero_() if free else torch.zeros(n, dtype=self.grad_dtype, device=self.device)
             self._staging[(gi, bi)] = buf
         return buf
+
+    def _release_staging(self, gi: int, bi: int) -> None:
+        buf = self._staging.pop((gi, bi), None)
+        if buf is not None:
+            self._pool.setdefault(buf.numel(), []).append(buf)
 
     def _launch_ready(self, force: bool = False) -> None:
         if not self._sync and self.stage <= 1:
@@ -230,7 +242,8 @@ class ZeroStage012(ZeroStrategy):
             for pending in self._pending:
                 pending.wait()
             self._pending = []
-            self._staging = {}
+            for key in list(self._staging):
+                self._release_staging(*key)
             if self.stage == 2:
                 self._first_micro = False
 
@@ -255,6 +268,7 @@ class ZeroStage012(ZeroStrategy):
         if self.world == 1:
             if self.stage == 2:
                 self._accumulate_piece(gi, b, src)
+                self._release_staging(gi, bi)
             return
         send = src if self.comm_dtype in (None, src.dtype) else src.to(self.comm_dtype)
         if pre != 1.0:
@@ -280,9 +294,17 @@ class ZeroStage012(ZeroStrategy):
                 else:
                     self._accumulate_piece(gi, b, out)
 
-        pending = _Pending(work if self.overlap_comm else None, finish)
+        def finish_and_release() -> None:
+            finish()
+            if self.stage == 2:
+                self._release_staging(gi, bi)
+
+        pending = _Pending(work if self.overlap_comm else None, finish_and_release)
         if self.overlap_comm:
             self._pending.append(pending)
+            # bound the staging memory (DeepSpeed's double-buffered buckets): wait for the oldest reduction
+            while self.stage == 2 and len(self._pending) > _MAX_INFLIGHT:
+                self._pending.pop(0).wait()
         else:
             pending.wait()
 
