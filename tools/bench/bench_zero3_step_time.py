@@ -7,13 +7,19 @@ invocation on the same worker processes; median step time after warmup, and the 
 growth of rank 0 from before the model is built to the end (VmHWM; fresh worker processes per run).
 
     .venv/bin/python tools/bench/bench_zero3_step_time.py [--steps 8] [--offload cpu]
-Prints one JSON line with ours/FSDP2 ratios (< 1: ours faster / smaller).
+        [--deepspeed-python /tmp/dsbench3/bin/python]
+With --deepspeed-python, DeepSpeed's stage 3 runs too (bench_zero3_ds_worker.py under torchrun in that
+interpreter's venv; never in the project venv). Prints one JSON line with ours/baseline ratios (< 1: ours
+faster / smaller).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -114,6 +120,21 @@ def _fsdp2(args: dict) -> dict:
     return {"seconds": seconds, "peak_growth": _rss("VmHWM:") - before}
 
 
+def _deepspeed(python: str, args: dict) -> dict:
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_zero3_ds_worker.py")
+    cmd = [python, "-m", "torch.distributed.run", f"--nproc_per_node={args['world']}", "--master_port=29531",
+           worker, "--embd", str(args["embd"]), "--layers", str(args["layers"]), "--seq", str(args["seq"]),
+           "--micro", str(args["micro"]), "--warmup", str(args["warmup"]), "--steps", str(args["steps"]),
+           "--offload", args["offload"]]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    if res.returncode != 0 or not lines:
+        sys.stderr.write(res.stdout[-3000:] + res.stderr[-3000:])
+        raise RuntimeError(f"DeepSpeed run failed (exit {res.returncode}); its output is above")
+    return json.loads(lines[-1])
+
+
 def main() -> None:
     from ds_core.testing import run_distributed, shutdown_pool
 
@@ -126,13 +147,17 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--offload", choices=["none", "cpu"], default="none")
+    ap.add_argument("--deepspeed-python", default=None, help="python of a venv with deepspeed installed")
     args = vars(ap.parse_args())
+    ds_python = args.pop("deepspeed_python")
     def fresh(fn):  # new worker processes: no heap left over from the other run distorts the RSS
         shutdown_pool()
         return run_distributed(fn, args["world"], args, timeout=1800)[0]
 
     # alternate the two so that slow drift of the machine hits both alike
     fsdp_a, ours_a, fsdp_b, ours_b = fresh(_fsdp2), fresh(_ours), fresh(_fsdp2), fresh(_ours)
+    shutdown_pool()
+    ds = _deepspeed(ds_python, args) if ds_python else None
     ours = min(ours_a["seconds"], ours_b["seconds"])
     fsdp = min(fsdp_a["seconds"], fsdp_b["seconds"])
     ours_mem = max(ours_a["peak_growth"], ours_b["peak_growth"])
@@ -144,6 +169,10 @@ def main() -> None:
         "time_ratio_ours_over_fsdp2": round(ours / fsdp, 3),
         "ours_peak_rss_growth_mib": round(ours_mem / 2**20, 1), "fsdp2_peak_rss_growth_mib": round(fsdp_mem / 2**20, 1),
         "memory_ratio_ours_over_fsdp2": round(ours_mem / max(fsdp_mem, 1), 3),
+        **({"deepspeed": ds["deepspeed"], "deepspeed_s_per_step": round(ds["seconds"], 4),
+            "time_ratio_ours_over_deepspeed": round(ours / ds["seconds"], 3),
+            "deepspeed_peak_rss_growth_mib": round(ds["peak_growth"] / 2**20, 1),
+            "memory_ratio_ours_over_deepspeed": round(ours_mem / max(ds["peak_growth"], 1), 3)} if ds else {}),
     }))
 
 
