@@ -69,3 +69,13 @@ def test_param_nvme_without_optimizer_nvme_is_refused(tmp_path) -> None:
            "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": str(tmp_path)}}}
     with pytest.raises(ValueError, match="offload_optimizer.device='nvme'"):
         ds_train.initialize(model=make_model(), config=cfg, dist_init_required=False)
+
+
+def test_stage3_refuses_stage2_only_switches() -> None:
+    import ds_train
+    from ds_train.testing import make_model
+
+    cfg = {"train_batch_size": 2, "optimizer": {"type": "AdamW", "params": {"lr": 0.1}},
+           "zero_optimization": {"stage": 3, "reduce_scatter": False}}
+    with pytest.raises(ValueError, match="reduce_scatter=false"):
+        ds_train.initialize(model=make_model(), config=cfg, dist_init_required=False)

@@ -103,8 +103,12 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
         options: Stage3Options | None = None,
         zero_config: Any = None,
         aio_config: Any = None,
-        **_stage012_only: Any,
+        **_stage012_only: Any,  # the engine's stage 0-2 arguments; the two that change semantics are checked
     ) -> None:
+        refused = [k for k in ("reduce_scatter", "allgather_partitions") if _stage012_only.get(k) is False]
+        if refused:
+            raise ValueError(f"zero_optimization.{refused[0]}=false is a stage 1/2 option; stage 3 always "
+                             "reduce-scatters gradients and all-gathers parameter pieces (remove it)")
         if options is None:
             options = Stage3Options.from_config(zero_config, aio_config) if zero_config is not None \
                 else Stage3Options()
