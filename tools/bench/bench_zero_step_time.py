@@ -60,14 +60,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--impls", default="ours,ours-gloo,ddp,fsdp2,deepspeed",
+                    help="comma-separated subset of: ours, ours-gloo, ddp, fsdp2, deepspeed")
     args = ap.parse_args()
+    impls = set(args.impls.split(","))
     ours_py = sys.executable
     ds_py = os.environ.get("DS_BENCH_PYTHON", "/tmp/dsbench/bin/python")
     have_ds = Path(ds_py).exists()
-    runs = [("ours", s, "fp32") for s in (0, 1, 2)] + [("ddp", 0, "fp32"), ("fsdp2", 3, "fp32")]
-    runs += [("ours", s, "bf16") for s in (0, 1, 2)] + [("fsdp2", 3, "bf16")]
+    runs = [("ours", s, "fp32") for s in (0, 1, 2)] + [("ours-gloo", s, "fp32") for s in (1, 2)]
+    runs += [("ddp", 0, "fp32"), ("fsdp2", 3, "fp32")]
+    runs += [("ours", s, "bf16") for s in (0, 1, 2)] + [("ours-gloo", s, "bf16") for s in (1, 2)]
+    runs += [("fsdp2", 3, "bf16")]
     if have_ds:
         runs += [("deepspeed", s, "bf16") for s in (0, 1, 2)]
+    runs = [r for r in runs if r[0] in impls]
     results: dict[tuple, list[dict]] = {r: [] for r in runs}
     for rnd in range(args.rounds):
         for impl, stage, dtype in runs:
@@ -81,7 +87,9 @@ def main() -> None:
         return statistics.median(r[field] for r in results[key])
 
     def line(ours: tuple, base: tuple, what: str) -> None:
-        out = {"bench": "zero_step_time", "what": what, "ours": f"stage {ours[1]} {ours[2]}",
+        if ours not in results or base not in results:
+            return
+        out = {"bench": "zero_step_time", "what": what, "ours": f"{ours[0]} stage {ours[1]} {ours[2]}",
                "baseline": f"{base[0]} {base[2]}" + (f" stage {base[1]}" if base[0] == "deepspeed" else ""),
                "ours_step_s": round(med(ours, "step_s"), 4), "baseline_step_s": round(med(base, "step_s"), 4),
                "time_ratio": round(med(ours, "step_s") / med(base, "step_s"), 3),
@@ -91,14 +99,15 @@ def main() -> None:
                "rounds": args.rounds, "steps": args.steps}
         print(json.dumps(out), flush=True)
 
-    for s in (0, 1, 2):
-        line(("ours", s, "fp32"), ("ddp", 0, "fp32"), "vs DDP, fp32")
-    for s in (1, 2):
-        line(("ours", s, "fp32"), ("fsdp2", 3, "fp32"), "vs FSDP2, fp32")
-        line(("ours", s, "bf16"), ("fsdp2", 3, "bf16"), "vs FSDP2, bf16 mixed precision")
-    if have_ds:
+    for ours in ("ours", "ours-gloo"):
         for s in (0, 1, 2):
-            line(("ours", s, "bf16"), ("deepspeed", s, "bf16"), "vs DeepSpeed 0.19.8, bf16")
+            line((ours, s, "fp32"), ("ddp", 0, "fp32"), "vs DDP, fp32")
+        for s in (1, 2):
+            line((ours, s, "fp32"), ("fsdp2", 3, "fp32"), "vs FSDP2, fp32")
+            line((ours, s, "bf16"), ("fsdp2", 3, "bf16"), "vs FSDP2, bf16 mixed precision")
+        if have_ds:
+            for s in (0, 1, 2):
+                line((ours, s, "bf16"), ("deepspeed", s, "bf16"), "vs DeepSpeed 0.19.8, bf16 (same config)")
     else:
         print(json.dumps({"bench": "zero_step_time", "note": f"DeepSpeed skipped: {ds_py} not found"}))
 

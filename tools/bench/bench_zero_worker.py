@@ -43,7 +43,9 @@ def config(stage: int, dtype: str, micro: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--impl", choices=["ours", "ddp", "fsdp2", "deepspeed"], required=True)
+    p.add_argument("--impl", choices=["ours", "ours-gloo", "ddp", "fsdp2", "deepspeed"], required=True,
+                   help="ours-gloo: ZeRO with reduce_scatter=false, allgather_partitions=false (all-reduce and "
+                        "broadcasts, which gloo implements much faster than reduce-scatter/all-gather)")
     p.add_argument("--stage", type=int, default=2)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--micro", type=int, default=4)
@@ -54,11 +56,14 @@ def main() -> None:
     torch.set_num_threads(1)
     model = gpt()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    if args.impl == "ours":
+    if args.impl in ("ours", "ours-gloo"):
         import ds_train
 
         ds_train.init_distributed()
-        engine, *_ = ds_train.initialize(model=model, config=config(args.stage, args.dtype, args.micro))
+        cfg = config(args.stage, args.dtype, args.micro)
+        if args.impl == "ours-gloo":
+            cfg["zero_optimization"].update(reduce_scatter=False, allgather_partitions=False)
+        engine, *_ = ds_train.initialize(model=model, config=cfg)
 
         def step(i: int) -> None:
             ids = batch(i, dist.get_rank(), args.micro)
