@@ -138,3 +138,16 @@ def test_stage3_fp16_with_loss_scaling_matches_reference(tmp_path) -> None:
             assert abs(losses[step][0] - ref_losses[step][rank]) <= 3e-3 * abs(ref_losses[step][rank])
         for name, ref in ref_params.items():
             assert (params[name] - ref).abs().max().item() <= 2e-2, name
+
+
+def _eager(model: str) -> tuple:
+    cfg = stage3_config("fp32", 2, stage3_prefetch_bucket_size=10**7, stage3_max_live_parameters=10**9,
+                        stage3_max_reuse_distance=10**9, stage3_param_persistence_threshold=30)
+    return train_engine(cfg, model, 0, AWKWARD_STEPS[model])
+
+
+@pytest.mark.parametrize("model", ["reuse", "gpt2"])
+def test_stage3_with_deep_prefetch_reuse_and_persistence_matches_reference(model: str) -> None:
+    """Everything prefetched ahead, reused weights kept whole, small ones persistent: same numbers."""
+    results = run_distributed(_eager, 2, model)
+    _check_against_reference(results, "fp32", 2, model, AWKWARD_STEPS[model])
