@@ -157,3 +157,21 @@ def test_serving_engine_on_a_kernel_injected_model():
     assert [
         o.token_ids for o in serving.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
     ] == expected
+
+
+def test_streamed_deltas_add_up_to_the_text_when_a_stop_token_ends_a_request_with_stop_strings(tokenizer):
+    model = tiny_model("llama", vocab=len(tokenizer))
+    engine = LLMEngine(model, tokenizer, config={"num_blocks": 64})
+    ref = engine.generate(["The module"], SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
+    stop_token = ref[5]
+    expected = tokenizer.decode(ref[: ref.index(stop_token) + 1], skip_special_tokens=True)
+    # a stop string that never matches makes the engine hold back text; the stop token must flush it
+    params = SamplingParams(max_tokens=12, stop=["\x00never"], stop_token_ids=[stop_token], ignore_eos=True)
+    rid = engine.add_request("The module", params)
+    deltas, last = [], None
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.request_id == rid:
+                deltas.append(o.text_delta)
+                last = o
+    assert last.finish_reason == "stop" and "".join(deltas) == expected == last.text

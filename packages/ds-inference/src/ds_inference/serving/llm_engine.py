@@ -199,6 +199,7 @@ class LLMEngine:
         hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
         if hits:
             seq.text = text[: min(hits)]
+            seq.stopped_by_string = True
             return True
         return False
 
@@ -212,7 +213,7 @@ class LLMEngine:
     def _output(self, seq: Sequence, new_tokens: list[int]) -> RequestOutput:
         delta = ""
         if self.tokenizer is not None:
-            if not (seq.is_finished and seq.finish_reason == "stop" and seq.params.stop and seq.text):
+            if not seq.stopped_by_string:
                 text = self._decode(seq)
                 # hold back an incomplete UTF-8 character and anything that may start a stop string
                 safe = len(text)

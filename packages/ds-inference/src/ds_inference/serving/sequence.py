@@ -46,6 +46,7 @@ class Sequence:
             self.generator = torch.Generator().manual_seed(params.seed)
         self.text = ""  # detokenized output so far (when the engine has a tokenizer)
         self.text_sent = 0  # characters of ``text`` already reported
+        self.stopped_by_string = False  # ``text`` is final: cut before the stop string
 
     @property
     def output_ids(self) -> list[int]:
