@@ -17,7 +17,6 @@ import errno as errno_mod
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Union
 
 import torch
 from ds_core.logging import warn_once
@@ -26,7 +25,7 @@ from ds_kernels import _loader
 
 __all__ = ["AsyncIO", "Request", "aligned_empty", "available", "engines"]
 
-PathLike = Union[str, os.PathLike]  # noqa: UP007 - a runtime alias, must work on Python 3.9
+PathLike = str | os.PathLike
 _ENGINES = ("auto", "io_uring", "threads", "python-threads")
 
 
