@@ -4,7 +4,7 @@ and DeepSpeed, the same model, batch (4 x 128 tokens per rank), optimizer (AdamW
 - fp32: ours stage 0/1/2 vs torch DDP (bucket 25 MB; ours uses 25 MB buckets too) and FSDP2 (fully_shard);
 - bf16 (fp32 master weights): ours stage 0/1/2 vs FSDP2 (MixedPrecisionPolicy bf16) and DeepSpeed 0.19.8.
 DeepSpeed runs from a separate venv (default /tmp/dsbench, override with DS_BENCH_PYTHON); it is skipped
-with a note when that interpreter is missing. Every run is a fresh `torchrun` so peak RSS is per run;
+with a note when that interpreter is missing. Every run is 2 fresh processes (env:// rendezvous) so peak RSS is per run;
 rounds are interleaved and the median over rounds is reported. Prints one JSON line per comparison.
 
     .venv/bin/python tools/bench/bench_zero_step_time.py [--rounds 2] [--steps 8]
@@ -12,6 +12,7 @@ rounds are interleaved and the median over rounds is reported. Prints one JSON l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -33,24 +34,31 @@ def _free_port() -> int:
 
 
 def _run(python: str, impl: str, stage: int, dtype: str, steps: int, warmup: int) -> dict:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "DS_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": "1"}
-    cmd = [python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(WORKER),
-           "--impl", impl, "--stage", str(stage), "--dtype", dtype, "--steps", str(steps), "--warmup", str(warmup)]
+    """Start the 2 ranks ourselves (env:// rendezvous), each in its own session so a hang can be killed."""
     for attempt in range(2):  # a run that dies or hangs (e.g. a rank killed on a busy machine) is retried once
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                start_new_session=True)
+        port = _free_port()
+        procs = []
+        for rank in range(2):
+            env = {**os.environ, "DS_ACCELERATOR": "cpu", "DS_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": "1",
+                   "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            cmd = [python, str(WORKER), "--impl", impl, "--stage", str(stage), "--dtype", dtype,
+                   "--steps", str(steps), "--warmup", str(warmup)]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                          start_new_session=True))
         try:
-            stdout, stderr = proc.communicate(timeout=600)
+            outs = [p.communicate(timeout=600) for p in procs]
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
-            proc.communicate()
+            for p in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.communicate()
             print(f"# {impl} stage {stage} {dtype}: timed out (attempt {attempt + 1})", file=sys.stderr, flush=True)
             continue
-        for line in stdout.splitlines():
+        for line in outs[0][0].splitlines():
             if line.startswith("RESULT "):
                 return json.loads(line[len("RESULT "):])
-        print(f"# {impl} stage {stage} {dtype} failed (attempt {attempt + 1}):\n{stderr[-2000:]}",
+        print(f"# {impl} stage {stage} {dtype} failed (attempt {attempt + 1}):\n{outs[0][1][-2000:]}",
               file=sys.stderr, flush=True)
     raise RuntimeError(f"{impl} stage {stage} {dtype} failed twice; see the messages above")
 
@@ -108,7 +116,7 @@ def main() -> None:
         if have_ds:
             for s in (0, 1, 2):
                 line((ours, s, "bf16"), ("deepspeed", s, "bf16"), "vs DeepSpeed 0.19.8, bf16 (same config)")
-    else:
+    if not have_ds and "deepspeed" in impls:
         print(json.dumps({"bench": "zero_step_time", "note": f"DeepSpeed skipped: {ds_py} not found"}))
 
 
