@@ -190,8 +190,12 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
             if flat is not None and dtype == torch.float32 and not host_master:
                 self.master.append(flat)  # fp32 without offload: the shard is the master copy
                 continue
-            master = torch.cat([s.float().reshape(-1) for s in shards]) if shards else torch.zeros(0)
-            master = master.to("cpu" if host_master else device)
+            # filled piece by piece: no second whole-shard temporary next to the master copy
+            master = torch.empty(sizes[gi], dtype=torch.float32, device="cpu" if host_master else device)
+            for si, shard in enumerate(shards):
+                offset = self._layouts[gi].buckets[si].shard_offset
+                master[offset : offset + shard.numel()].copy_(shard.reshape(-1))
+                shards[si] = None  # the tier holds the model-dtype copy; drop this one now
             if opts.offload_optimizer == "cpu" and opts.pin_memory:
                 from ds_core.accelerator import get_accelerator
 
