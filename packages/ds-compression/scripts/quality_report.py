@@ -74,6 +74,9 @@ def lm_report(args: argparse.Namespace) -> list[dict]:
     variants = [
         ("INT8 W8A8 (per-row weights, token-wise acts)", lambda: quantize(base, weight_bits=8, act_bits=8)),
         ("INT8 weight-only per-row", lambda: quantize(base, weight_bits=8)),
+        ("INT8 W8A8 except down_proj inputs (W8A16 there)",
+         lambda: quantize(quantize(base, weight_bits=8, act_bits=8, exclude=("lm_head", "down_proj")),
+                          weight_bits=8, modules=["*down_proj"])),
         (f"INT4 weight-only g{args.group_size} RTN (symmetric)", lambda: quantize(base, weight_bits=4, group_size=args.group_size)),
         (f"INT4 weight-only g{args.group_size} RTN (asymmetric)", lambda: quantize(base, weight_bits=4, group_size=args.group_size, symmetric=False)),
         (f"INT4 g{args.group_size} + LKD ({args.lkd_steps} steps/block, symmetric)",

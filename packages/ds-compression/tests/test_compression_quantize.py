@@ -94,3 +94,13 @@ def test_lkd_reduces_block_error_over_round_to_nearest(token_ids):
     ref = model(token_ids).logits
     assert _rel_err(q(token_ids).logits, ref) < _rel_err(rtn(token_ids).logits, ref)
     assert all(isinstance(m, QuantLinear) for n, m in q.named_modules() if n.endswith("proj"))
+
+
+def test_glob_and_regex_module_patterns_select_layers(llama):
+    only_down = quantize(llama, weight_bits=8, modules=["*down_proj"], show_progress=False)
+    kinds = {n: type(m).__name__ for n, m in only_down.named_modules() if n.endswith("proj")}
+    assert kinds["model.layers.0.mlp.down_proj"] == "QuantLinear"
+    assert kinds["model.layers.0.mlp.up_proj"] == "Linear"
+    by_regex = quantize(llama, weight_bits=8, modules=[r"layers\.1\..*q_proj"], show_progress=False)
+    assert isinstance(by_regex.model.layers[1].self_attn.q_proj, QuantLinear)
+    assert not isinstance(by_regex.model.layers[0].self_attn.q_proj, QuantLinear)

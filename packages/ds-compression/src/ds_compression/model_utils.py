@@ -43,7 +43,16 @@ def iter_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) or re.search(p, name) for p in patterns)
+    """A pattern matches as a glob over the whole name, or as a regex anywhere in it."""
+    for p in patterns:
+        if fnmatch.fnmatchcase(name, p):
+            return True
+        try:
+            if re.search(p, name):
+                return True
+        except re.error:  # a glob such as "*down_proj" is not a valid regex; the glob test above decides
+            continue
+    return False
 
 
 def select_linears(
