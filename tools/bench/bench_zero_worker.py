@@ -28,7 +28,8 @@ def config(stage: int, dtype: str, micro: int) -> dict:
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": 1,
         "steps_per_print": 1_000_000,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.0, "torch_adam": True}},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.0, "torch_adam": True,
+                                                  "fused": True}},
         "zero_optimization": {
             "stage": stage,
             "reduce_bucket_size": 6_553_600,
@@ -96,7 +97,10 @@ def main() -> None:
             for block in model.transformer.h:
                 fully_shard(block, mp_policy=mp)
             wrapped = fully_shard(model, mp_policy=mp)
-        opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-4, weight_decay=0.0, foreach=True)
+        try:  # the same fused AdamW kernel as the engines use
+            opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
+        except (RuntimeError, TypeError, ValueError):  # FSDP2's DTensor params, where fused is unsupported
+            opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-4, weight_decay=0.0, foreach=True)
 
         def step(i: int) -> None:
             ids = batch(i, dist.get_rank(), args.micro)
