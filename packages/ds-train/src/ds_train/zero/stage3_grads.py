@@ -62,7 +62,7 @@ class GradReducer:
 
     def reset(self) -> None:
         self.next = 0
-        self.pending: list[tuple[Any, Callable[[], None]]] = []
+        self.pending: list[tuple[Any, Callable[[], None], torch.Tensor]] = []
         self.seen: set[int] = set()
         for b in self.buckets:
             b.staging, b.remaining = None, len(b.recs)
@@ -111,7 +111,7 @@ class GradReducer:
         else:
             out = torch.empty(b.shard_total, dtype=self.comm_dtype, device=b.staging.device)
             work = comm.reduce_scatter_tensor(out, b.staging.view(-1), group=self.group, async_op=self.overlap)
-        b.staging = None
+        staging, b.staging = b.staging, None  # kept with the pending work: the collective may still read it
         first = self.first_micro
 
         def finish() -> None:
@@ -126,10 +126,10 @@ class GradReducer:
                     target.add_(out[o : o + r.shard_numel])
 
         if self.overlap and work is not None:
-            self.pending.append((work, finish))
+            self.pending.append((work, finish, staging))
             # at most two buckets in flight: their staging buffers are the memory of this overlap
             while len(self.pending) > 2:
-                old_work, old_finish = self.pending.pop(0)
+                old_work, old_finish, _ = self.pending.pop(0)
                 old_work.wait()
                 old_finish()
         else:
@@ -139,7 +139,7 @@ class GradReducer:
         """Force out the remaining buckets, wait for all; return the params that got no gradient."""
         missing = [r for b in self.buckets for r in b.recs if id(r) not in self.seen]
         self._launch_ready(force=True)
-        for work, done in self.pending:
+        for work, done, _ in self.pending:
             work.wait()
             done()
         self.reset()

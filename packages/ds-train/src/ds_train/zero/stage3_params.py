@@ -89,6 +89,7 @@ class PendingGather:
 
     def __init__(self, recs: list[Stage3Param], out: torch.Tensor, work: Any, parts: int) -> None:
         self.recs, self.out, self.work, self.parts = recs, out, work, parts
+        self.keep: torch.Tensor | None = None
         self.done = False
 
     def wait(self) -> None:
@@ -109,7 +110,7 @@ class PendingGather:
                 full.view(self.parts, n).copy_(rows[:, offset : offset + n])
             offset += n
             _install(rec, full)
-        self.out = None
+        self.out = self.keep = None
 
 
 def _install(rec: Stage3Param, full: torch.Tensor) -> None:
@@ -159,6 +160,7 @@ class ParamGatherer:
             out = torch.empty(total * self.parts, dtype=self.dtype, device=self.device)
             work = comm.all_gather_into_tensor(out, inp, group=self.group, async_op=async_op)
             pending = PendingGather(todo, out, work if async_op else None, self.parts)
+            pending.keep = inp  # the collective may still read it: alive until wait()
         for r in todo:
             r.status, r.pending = INFLIGHT, pending
             if not r.persistent:
