@@ -59,13 +59,18 @@ def test_cpu_streams_events_and_memory():
     assert acc.pin_memory(big) is big  # CPU: nothing to pin
 
 
+# Allowed to name CUDA, and why: ds_kernels builds and loads the CUDA ops themselves; the launcher picks the
+# device-visibility variable (CUDA_VISIBLE_DEVICES, ZE_AFFINITY_MASK) for worker processes without importing torch.
+_CUDA_ALLOWED = ("ds_kernels", "launcher")
+
+
 def test_no_module_outside_the_accelerator_names_cuda():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[3] / "packages"
     offenders = []
     for path in root.glob("*/src/**/*.py"):
-        if "accelerator" in path.parts:
+        if "accelerator" in path.parts or any(part in path.parts for part in _CUDA_ALLOWED):
             continue
         text = path.read_text()
         if "torch.cuda" in text or '"cuda"' in text or "'cuda'" in text:

@@ -101,16 +101,18 @@ class _Pool:
             self._procs.append(proc)
             self._conns.append(parent)
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        """Stop the workers: politely at the end of a session, at once (`kill`) after a hang or a failure."""
         for conn in self._conns:
             try:
                 conn.send(None)
             except (OSError, BrokenPipeError):
                 pass
         for proc in self._procs:
-            proc.join(timeout=5)
+            proc.join(timeout=0.5 if kill else 5)
             if proc.is_alive():
                 proc.kill()
+                proc.join(timeout=5)
         self._procs, self._conns = [], []
 
     def run(self, where: tuple, args: tuple, kwargs: dict, world_size: int, timeout: float) -> list[Any]:
@@ -126,7 +128,7 @@ class _Pool:
         for rank, conn in enumerate(self._conns[:world_size]):
             # Once a rank has failed, its peers are usually stuck in a collective: wait only briefly.
             if not conn.poll(timeout if not errors else 10.0):
-                self.close()
+                self.close(kill=True)
                 if errors:
                     raise DistributedTestError(f"{where[2]} failed:\n" + "\n".join(errors))
                 raise DistributedTestError(
@@ -136,7 +138,7 @@ class _Pool:
             try:
                 status, value = conn.recv()
             except EOFError:
-                self.close()
+                self.close(kill=True)
                 raise DistributedTestError(f"{where[2]}: worker for rank {rank} died") from None
             if status == "ok":
                 results[rank] = value
