@@ -35,7 +35,18 @@ def test_deepspeed_script_runs_unchanged(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     parser = deepspeed.add_config_arguments(parser)
     args = parser.parse_args(["--deepspeed", "--deepspeed_config", str(config)])
-    deepspeed.init_distributed()  # a single process: no-op without a launcher environment
+    from ds_core import comm
+
+    owned = not comm.is_initialized()
+    deepspeed.init_distributed()  # without a launcher: a world of one
+    try:
+        _train_two_steps(args, tmp_path)
+    finally:
+        if owned and comm.is_initialized():
+            comm.destroy_process_group()  # leave no process group behind for later tests
+
+
+def _train_two_steps(args: argparse.Namespace, tmp_path: Path) -> None:
     model = make_model()
     engine, optimizer, _, _ = deepspeed.initialize(args=args, model=model, model_parameters=model.parameters())
     engine.train()
