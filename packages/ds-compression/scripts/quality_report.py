@@ -6,7 +6,7 @@ python_docs_train.txt. Encoder part (all-MiniLM-L6-v2): mean-pooled sentence emb
 sentences, compared with the fp32 model (cosine to the fp32 embedding; Spearman correlation of the
 pairwise similarity matrix). Prints a markdown table and writes JSON.
 
-    python packages/ds-compression/scripts/quality_report.py --out quality.json [--tokens 16384]
+    python packages/ds-compression/scripts/quality_report.py --out quality.json [--part lm|encoder] [--only SUBSTR ...]
 """
 from __future__ import annotations
 
@@ -167,17 +167,17 @@ def encoder_report(args: argparse.Namespace) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="quality.json")
-    p.add_argument("--tokens", type=int, default=16384, help="held-out tokens for perplexity")
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--tokens", type=int, default=4096, help="held-out tokens for perplexity")
+    p.add_argument("--calib-samples", type=int, default=8)
+    p.add_argument("--calib-seq-len", type=int, default=128)
     p.add_argument("--group-size", type=int, default=64,
                    help="INT4 group size; SmolLM2's hidden size 576 is not a multiple of 128, so 64 is the default")
-    p.add_argument("--lkd-steps", type=int, default=60)
-    p.add_argument("--lkd-lr", type=float, default=2e-5)
-    p.add_argument("--kd-steps", type=int, default=300)
-    p.add_argument("--kd-lr", type=float, default=1e-4)
-    p.add_argument("--kd-sentences", type=int, default=2048)
-    p.add_argument("--kd-seq-len", type=int, default=64)
+    p.add_argument("--lkd-steps", type=int, default=10)
+    p.add_argument("--lkd-lr", type=float, default=3e-4)
+    p.add_argument("--kd-steps", type=int, default=80)
+    p.add_argument("--kd-lr", type=float, default=3e-4)
+    p.add_argument("--kd-sentences", type=int, default=1280)
+    p.add_argument("--kd-seq-len", type=int, default=32)
     p.add_argument("--part", choices=["lm", "encoder", "all"], default="all")
     p.add_argument("--skip-base", action="store_true", help="do not re-evaluate the uncompressed model")
     p.add_argument("--only", nargs="*", default=None, help="substrings of variant names to run")

@@ -48,8 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--act-bits", type=int, default=None, help="token-wise dynamic activation bits (e.g. 8)")
     q.add_argument("--asymmetric", action="store_true", help="asymmetric weight ranges")
     q.add_argument("--lkd", action="store_true", help="layer-by-layer distillation on --calib")
-    q.add_argument("--lkd-steps", type=int, default=100)
-    q.add_argument("--lkd-lr", type=float, default=5e-6)
+    q.add_argument("--lkd-steps", type=int, default=10)
+    q.add_argument("--lkd-lr", type=float, default=3e-4)
     calib_args(q, required=False)
 
     x = sub.add_parser("xtc", help="XTC: layer reduction + 1/2-bit weights + distillation")

@@ -60,8 +60,8 @@ def quantize(
     exclude: Iterable[str] = DEFAULT_EXCLUDE,
     lkd: bool = False,
     calib_batches: list[torch.Tensor] | None = None,
-    lkd_steps: int = 100,
-    lkd_lr: float = 5e-6,
+    lkd_steps: int = 10,
+    lkd_lr: float = 3e-4,
     show_progress: bool = True,
 ) -> nn.Module:
     """A quantized copy of `model`: each selected nn.Linear becomes a `QuantLinear`.
