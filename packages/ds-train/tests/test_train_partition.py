@@ -46,28 +46,40 @@ def test_large_parameter_gets_its_own_bucket() -> None:
     assert [(b.first_param, b.last_param) for b in layout.buckets] == [(0, 2), (2, 3)]
 
 
+_FAKE_PG_SCRIPT = """
+import sys
+import torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+import ds_train
+from ds_train.testing import engine_config, lm_loss, make_batch, make_model
+
+world = int(sys.argv[1])
+dist.init_process_group("fake", store=FakeStore(), rank=world - 1, world_size=world)
+engine, *_ = ds_train.initialize(model=make_model(), config=engine_config(2, "bf16", 1, world))
+ids = make_batch(0, 0, 0)
+engine.backward(lm_loss(engine(ids), ids))
+engine.step()
+layout = engine.strategy.layouts()[0]
+psi = sum(p.numel() for p in engine.module.parameters())
+assert layout.parts == world and layout.numel >= psi
+assert layout.numel - psi <= len(layout.buckets) * (world - 1), "padding is at most world - 1 per bucket"
+held = {k: sum(t.numel() for t in v) for k, v in engine.strategy.model_state_tensors().items()}
+shard = layout.numel // world
+assert held == {"params": layout.numel, "grads": shard, "master": shard, "optimizer": 2 * shard}, held
+print("ok", world)
+"""
+
+
 @pytest.mark.parametrize("world", [64, 512])
 def test_stage2_plan_at_large_world_sizes_on_the_fake_backend(world: int) -> None:
     """torch's `fake` process group runs no communication: it checks the sharding plan and that every
-    collective the engine issues is well-formed at world sizes this machine cannot spawn."""
-    import ds_train
-    import torch.distributed as dist
-    from ds_train.testing import engine_config, lm_loss, make_batch, make_model
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+    collective the engine issues is well-formed at world sizes this machine cannot spawn. It runs in
+    its own interpreter because a process can hold only one default process group."""
+    import os
+    import subprocess
+    import sys
 
-    dist.init_process_group("fake", store=FakeStore(), rank=world - 1, world_size=world)
-    try:
-        engine, *_ = ds_train.initialize(model=make_model(), config=engine_config(2, "bf16", 1, world))
-        ids = make_batch(0, 0, 0)
-        engine.backward(lm_loss(engine(ids), ids))
-        engine.step()
-        layout = engine.strategy.layouts()[0]
-        psi = sum(p.numel() for p in engine.module.parameters())
-        assert layout.parts == world and layout.numel >= psi
-        # padding is at most world - 1 elements per bucket
-        assert layout.numel - psi <= len(layout.buckets) * (world - 1)
-        held = {k: sum(t.numel() for t in v) for k, v in engine.strategy.model_state_tensors().items()}
-        shard = layout.numel // world
-        assert held == {"params": layout.numel, "grads": shard, "master": shard, "optimizer": 2 * shard}
-    finally:
-        dist.destroy_process_group()
+    proc = subprocess.run([sys.executable, "-c", _FAKE_PG_SCRIPT, str(world)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "DS_LOG_LEVEL": "WARNING"})
+    assert proc.returncode == 0 and f"ok {world}" in proc.stdout, proc.stderr[-3000:]
