@@ -10,6 +10,7 @@ import inspect
 from typing import Any
 
 import torch
+from ds_core.accelerator import get_accelerator
 from ds_core.config import ConfigError
 
 from ds_train.optim.lamb import Lamb
@@ -74,7 +75,7 @@ def _adam(name: str, params: dict[str, Any], groups: list[dict], offload: bool) 
         # torch's fused kernel (CPU and CUDA) is several times faster than foreach on a flat shard and
         # makes no parameter-sized temporaries
         first = groups[0]["params"][0]
-        fused = first.device.type in ("cpu", "cuda") and first.dtype == torch.float32
+        fused = first.device.type in ("cpu", get_accelerator().name) and first.dtype == torch.float32
     if fused:
         return cls(groups, fused=True, **p)
     return cls(groups, foreach=True if foreach is None else bool(foreach), **p)
