@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from ds_core import comm
 from ds_core.accelerator import get_accelerator
-from ds_core.logging import warn_once
 
 from ds_train.zero.partition import Bucket, GroupLayout, build_layout
+from ds_train.zero.shard_checkpoint import group_meta, shard_from_full
 from ds_train.zero.strategy import ShardReader, StepResult, ZeroStrategy
 
 __all__ = ["ZeroStage012"]
@@ -493,28 +493,11 @@ class ZeroStage012(ZeroStrategy):
             state, scalars = self._state_tensors(gi)
             for key, t in state.items():
                 tensors[f"g{gi}.{key}"] = t.clone()
-            hyper = {k: (list(v) if isinstance(v, tuple) else v)
-                     for k, v in self.optimizer.param_groups[gi].items() if k != "params"}
-            metas.append({"hyperparams": _jsonable(hyper), "scalar_state": _jsonable(scalars),
-                          "state_keys": sorted(state)})
+            metas.append(group_meta(self.optimizer.param_groups[gi], scalars, list(state)))
         return tensors, metas
 
     def _shard_from_full(self, gi: int, full: dict[str, torch.Tensor], what: str) -> torch.Tensor:
-        layout = self._layouts[gi]
-        out = torch.zeros(layout.shard_numel, dtype=torch.float32)
-        for piece in layout.pieces(self.part):
-            slot = layout.slots[piece.param]
-            tensor = full.get(slot.name)
-            if tensor is None:
-                raise ValueError(f"checkpoint has no '{what}' for parameter '{slot.name}'")
-            if tuple(tensor.shape) != slot.shape:
-                raise ValueError(
-                    f"checkpoint '{what}' of '{slot.name}' has shape {tuple(tensor.shape)}, model has {slot.shape}"
-                )
-            flat = tensor.reshape(-1)
-            out[piece.shard_offset : piece.shard_offset + piece.length] = \
-                flat[piece.param_offset : piece.param_offset + piece.length]
-        return out
+        return shard_from_full(self._layouts[gi], self.part, full, what)
 
     def load_shard_state(self, reader: ShardReader, load_optimizer_states: bool) -> None:
         if reader.group_count() != len(self._layouts):
@@ -560,15 +543,3 @@ def _restore_scalar(optimizer: torch.optim.Optimizer, key: str, value: Any, p: t
         return torch.tensor(float(value), dtype=torch.float32)
     return value
 
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    warn_once(f"checkpoint: optimizer value of type {type(value).__name__} saved as its string form")
-    return str(value)
