@@ -223,13 +223,24 @@ class DeepSpeedEngine(torch.nn.Module):
         return None
 
     def deepspeed_io(self, dataset: Any, batch_size: int | None = None, collate_fn: Callable | None = None,
-                     num_local_io_workers: int = 0, route: Any = None, data_sampler: Any = None) -> DSDataLoader:
-        """A data loader giving this rank its share of `dataset`, micro batch by micro batch."""
+                     num_local_io_workers: int = 0, route: Any = None,
+                     data_sampler: Any = None) -> DSDataLoader | torch.utils.data.DataLoader:
+        """A data loader giving this rank its share of `dataset`, micro batch by micro batch.
+
+        With a data_efficiency curriculum over analyzed metrics it is ds-data's loader (the curriculum
+        picks each step's samples; its position is checkpointed with the data_efficiency state).
+        """
         if data_sampler is not None:
             raise ValueError("deepspeed_io(data_sampler=...) is not supported; the engine's loader shards itself")
+        micro_batch = batch_size or self._config.train_micro_batch_size_per_gpu
+        dp_rank = self.global_rank if self.dp_world_size > 1 else 0
+        if self.data_efficiency is not None and self.data_efficiency.needs_data_sampler:
+            return self.data_efficiency.build_data_loader(
+                dataset, micro_batch, dp_rank, self.dp_world_size, self.gradient_accumulation_steps(),
+                collate_fn, num_local_io_workers,
+            )
         return DSDataLoader(
-            dataset, batch_size or self._config.train_micro_batch_size_per_gpu, self.global_rank if
-            self.dp_world_size > 1 else 0, self.dp_world_size, collate_fn=collate_fn,
+            dataset, micro_batch, dp_rank, self.dp_world_size, collate_fn=collate_fn,
             drop_last=self._config.dataloader_drop_last, seed=self._config.seed or 0, num_workers=num_local_io_workers,
         )
 
@@ -410,7 +421,9 @@ class DeepSpeedEngine(torch.nn.Module):
             "optimizer_class": type(self.optimizer).__name__,
             "loss_scaler": self.loss_scaler.state_dict(),
             "lr_scheduler": self._scheduler_state(),
-            "dataloader": self.training_dataloader.state_dict() if self.training_dataloader is not None else None,
+            # ds-data's curriculum loader keeps its position in the data_efficiency state instead
+            "dataloader": self.training_dataloader.state_dict()
+            if isinstance(self.training_dataloader, DSDataLoader) else None,
             "data_efficiency": self.data_efficiency.state_dict() if self.data_efficiency is not None else None,
         }
         return state
@@ -492,7 +505,7 @@ class DeepSpeedEngine(torch.nn.Module):
             self.loss_scaler.load_state_dict(state["loss_scaler"])
         if load_lr_scheduler_states and self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if self.training_dataloader is not None and state.get("dataloader"):
+        if isinstance(self.training_dataloader, DSDataLoader) and state.get("dataloader"):
             saved = state["dataloader"]
             if state.get("dp_world_size") != self.dp_world_size:
                 logger.warning("data loader position not restored: the checkpoint was saved on "

@@ -36,6 +36,27 @@ class DataEfficiencyHook:
         )
         self.impl.wrap_model(model)
         self.peak_lrs: list[float] | None = None
+        self._pending_sampler_state: Any = None  # checkpointed sampler position, until the loader exists
+
+    @property
+    def needs_data_sampler(self) -> bool:
+        """A curriculum over analyzed metrics: the training loader must come from `build_data_loader`."""
+        return bool(self.impl.needs_data_sampler)
+
+    def build_data_loader(self, dataset: Any, micro_batch_size: int, dp_rank: int, dp_size: int,
+                          gradient_accumulation_steps: int, collate_fn: Any, num_workers: int) -> Any:
+        """ds-data's curriculum DataLoader; a sampler position loaded from a checkpoint earlier is applied."""
+        if num_workers:
+            raise ValueError(
+                f"deepspeed_io(num_local_io_workers={num_workers}): with a data_efficiency curriculum sampler the "
+                "loader's workers come from data_efficiency.data_sampling.num_workers; set that instead"
+            )
+        loader = self.impl.build_data_loader(dataset, micro_batch_size, dp_rank, dp_size,
+                                             gradient_accumulation_steps, collate_fn=collate_fn)
+        if self._pending_sampler_state is not None:
+            self.impl.sampler.load_state_dict(self._pending_sampler_state)
+            self._pending_sampler_state = None
+        return loader
 
     def on_step_begin(self, global_step: int, optimizer: torch.optim.Optimizer) -> None:
         self.impl.on_step_begin(global_step)
@@ -57,7 +78,12 @@ class DataEfficiencyHook:
         return to_json_tree(self.impl.state_dict())
 
     def load_state_dict(self, state: Any) -> None:
-        self.impl.load_state_dict(from_json_tree(state))
+        state = from_json_tree(state)
+        if self.impl.sampler is None and "data_sampler" in state:
+            # no training loader yet (initialize() without training_data): apply it when deepspeed_io builds one
+            state = dict(state)
+            self._pending_sampler_state = state.pop("data_sampler")
+        self.impl.load_state_dict(state)
 
 
 class CompressionHook:
