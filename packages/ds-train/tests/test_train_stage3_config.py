@@ -79,3 +79,19 @@ def test_stage3_refuses_stage2_only_switches() -> None:
            "zero_optimization": {"stage": 3, "reduce_scatter": False}}
     with pytest.raises(ValueError, match="reduce_scatter=false"):
         ds_train.initialize(model=make_model(), config=cfg, dist_init_required=False)
+
+
+@pytest.mark.parametrize("config,match", [
+    (_zero(stage=3, offload_param={"device": "nvme", "nvme_path": "/tmp", "max_in_cpu": 5}),
+     r"offload_param.max_in_cpu=5 is not supported yet"),
+    (_zero(stage=3, offload_param={"device": "nvme", "nvme_path": "/tmp", "buffer_count": 3}),
+     r"offload_param.buffer_count=3 is not supported yet"),
+    (_zero(stage=3) | {"aio": {"single_submit": True}}, r"aio.single_submit=True is not supported yet"),
+    (_zero(stage=3) | {"aio": {"overlap_events": False}}, r"aio.overlap_events=False is not supported yet"),
+])
+def test_keys_we_would_ignore_are_refused_unless_at_their_default(config, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_train_config(config)
+    # the same keys at DeepSpeed's defaults (as example configs write them) are accepted
+    load_train_config(_zero(stage=3, offload_param={"device": "nvme", "nvme_path": "/tmp", "max_in_cpu": 1e9,
+                                                    "buffer_count": 5}) | {"aio": {"single_submit": False}})

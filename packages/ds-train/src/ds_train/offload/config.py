@@ -19,6 +19,15 @@ def _int_from_float(v: Any) -> Any:
     return v
 
 
+def _reject_unimplemented(model: DSConfigModel, section: str, fields: dict[str, str]) -> None:
+    """Keys DeepSpeed has that we accept only at their default: any other value would be silently ignored."""
+    for name, why in fields.items():
+        default = type(model).model_fields[name].default
+        if name in model.model_fields_set and getattr(model, name) != default:
+            raise ValueError(f"{section}.{name}={getattr(model, name)!r} is not supported yet ({why}); "
+                             f"remove it or set it to {default!r}")
+
+
 class OffloadParamConfig(DSConfigModel):
     """``zero_optimization.offload_param``: where ZeRO-3 keeps the model-dtype parameter shards."""
 
@@ -35,6 +44,10 @@ class OffloadParamConfig(DSConfigModel):
     def _check(self) -> OffloadParamConfig:
         if self.device == "nvme" and not self.nvme_path:
             raise ValueError("offload_param.device='nvme' needs offload_param.nvme_path")
+        _reject_unimplemented(self, "offload_param", {
+            "max_in_cpu": "parameter shards go straight to NVMe; there is no host cache to size",
+            "buffer_count": "parameter swaps use one staging buffer per shard read",
+        })
         return self
 
 
@@ -56,6 +69,14 @@ class AioConfig(DSConfigModel):
         if v % 4096:
             raise ValueError(f"aio.block_size must be a multiple of 4096, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _check_unimplemented(self) -> AioConfig:
+        _reject_unimplemented(self, "aio", {
+            "single_submit": "the engine always batches submissions",
+            "overlap_events": "submission and completion always overlap",
+        })
+        return self
 
     @field_validator("use_gds")
     @classmethod
