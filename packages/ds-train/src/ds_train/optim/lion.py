@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
+from ds_kernels.reference import lion_step
 
 __all__ = ["Lion"]
 
@@ -34,10 +35,7 @@ class Lion(torch.optim.Optimizer):
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                 state["step"] += 1
-                m = state["exp_avg"]
-                direction = (m * beta1).add_(grad, alpha=1 - beta1).sign_()
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(direction, alpha=-group["lr"])
-                m.mul_(beta2).add_(grad, alpha=1 - beta2)
+                # the same formula as ds-kernels' CPU Lion, from its PyTorch reference (any device)
+                lion_step(p, grad, state["exp_avg"], step=state["step"], lr=group["lr"], beta1=beta1,
+                          beta2=beta2, weight_decay=group["weight_decay"])
         return loss
