@@ -23,7 +23,7 @@ from ds_core.accelerator import get_accelerator
 
 from ds_train.zero.partition import Bucket, GroupLayout, build_layout
 from ds_train.zero.shard_checkpoint import group_meta, shard_from_full
-from ds_train.zero.strategy import ShardReader, StepResult, ZeroStrategy
+from ds_train.zero.strategy import ShardReader, StepResult, ZeroStrategy, grad_divisor
 
 __all__ = ["ZeroStage012"]
 
@@ -355,11 +355,7 @@ class ZeroStage012(ZeroStrategy):
         for g in grads:
             sumsq += torch.linalg.vector_norm(g).square().to(self.device)
         norm = float(self._all_ranks(sumsq, comm.ReduceOp.SUM).sqrt().item()) / loss_scale
-        combined = loss_scale
-        if clip_norm > 0:
-            clip = (norm + 1e-6) / clip_norm
-            if clip > 1:
-                combined = clip * loss_scale
+        combined = grad_divisor(norm, loss_scale, clip_norm)
         for gi, g in enumerate(grads):
             if combined != 1.0:
                 g.mul_(1.0 / combined)

@@ -27,7 +27,7 @@ from ds_train.zero.stage3_grads import GradReducer
 from ds_train.zero.stage3_params import MemoryTier, ParamGatherer, Stage3Param
 from ds_train.zero.stage3_prefetch import PrefetchCoordinator
 from ds_train.zero.stage3_state import Stage3StateMixin
-from ds_train.zero.strategy import StepResult, ZeroStrategy
+from ds_train.zero.strategy import StepResult, ZeroStrategy, grad_divisor
 
 __all__ = ["ZeroStage3", "Stage3Options"]
 
@@ -324,11 +324,7 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
             for c in range(0, g.numel(), 1 << 22):  # in chunks: no whole fp32 copy of a low-precision shard
                 sumsq += torch.linalg.vector_norm(g[c : c + (1 << 22)], dtype=torch.float32).square().to(self.device)
         norm = float(self._all_ranks(sumsq, comm.ReduceOp.SUM).sqrt().item()) / loss_scale
-        combined = loss_scale
-        if clip_norm > 0:
-            clip = (norm + 1e-6) / clip_norm
-            if clip > 1:
-                combined = clip * loss_scale
+        combined = grad_divisor(norm, loss_scale, clip_norm)
         for gi, g in enumerate(grads):
             if streamed:
                 self._update_group(gi, g, 1.0 / combined)

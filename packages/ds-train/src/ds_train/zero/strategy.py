@@ -21,7 +21,7 @@ import torch
 
 from ds_train.zero.partition import GroupLayout
 
-__all__ = ["StepResult", "ShardReader", "ZeroStrategy"]
+__all__ = ["StepResult", "ShardReader", "ZeroStrategy", "grad_divisor"]
 
 
 @dataclass
@@ -30,6 +30,13 @@ class StepResult:
 
     overflow: bool
     grad_norm: float | None
+
+
+def grad_divisor(norm: float, loss_scale: float, clip_norm: float) -> float:
+    """What every stage divides its gradients by: the loss scale, times the clip factor when the
+    unscaled global norm exceeds `clip_norm` (DeepSpeed's 1e-6 guard included)."""
+    clip = (norm + 1e-6) / clip_norm if clip_norm > 0 else 1.0
+    return loss_scale * clip if clip > 1 else loss_scale
 
 
 class ShardReader(abc.ABC):
