@@ -6,6 +6,17 @@ cut to this rank's piece and its storage dropped. The whole model therefore neve
 process; only the parameters of the module being built do, for a moment. The ZeRO-3 strategy later
 adopts these pieces as they are.
 
+A library that builds the model on the meta device and loads the weights afterwards (transformers'
+`from_pretrained` in 5.x does: `with zero.Init(...): AutoModelForCausalLM.from_pretrained(dir)`) gets
+the same result without ever holding the whole model: a meta parameter stays *pending* (it costs
+nothing), and when the loader registers the real tensor in its place (torch's documented
+parameter-registration hook, installed only while `Init` is active) that tensor is cut to this rank's
+piece at once. Every rank reads the same checkpoint, so loaded values are not broadcast. Parameters the
+library creates for itself (keys the checkpoint lacks, which it initializes after registering them)
+stay whole until `Init` exits and are then partitioned with rank 0's values. While `Init` is active,
+transformers' loader runs on the calling thread (`HF_DEACTIVATE_ASYNC_LOAD=1`, restored on exit): its
+thread pool would otherwise read tensors ahead with no bound, up to the whole model at once.
+
 `GatheredParameters(params, modifier_rank=r)` all-gathers parameters on every rank; on exit, rank r's
 values are broadcast and written back into the shards (and the fp32 master copy when an engine owns
 the parameters). With `modifier_rank=None`, in-place changes are written back only if made (every
@@ -14,6 +25,8 @@ rank must then make the same change).
 from __future__ import annotations
 
 import functools
+import os
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,6 +36,9 @@ from ds_core import comm
 from ds_train.zero.stage3_params import GATHERED, RELEASED, Stage3Param
 
 __all__ = ["Init", "GatheredParameters", "gather_init_param"]
+
+# transformers' switch (documented among its environment variables) for loading on the calling thread
+_SYNC_LOAD_ENV = "HF_DEACTIVATE_ASYNC_LOAD"
 
 
 def _world(group: Any) -> tuple[int, int]:
@@ -67,21 +83,33 @@ class Init:
 
             return_freed_buffers_to_os()  # the pieces of a huge model must not leave heap garbage behind
         self._patched: list[tuple[type, Any]] = []
+        self._registration_hook: Any = None
+        self._saved_env: str | None = None
+        # modules that held a meta parameter: they are checked (and their late parameters partitioned) on exit
+        self._pending_modules: list[weakref.ref] = []
         if module is not None and enabled:
             self.partition_module(module)
 
     # -- partitioning --------------------------------------------------------------------------------
     def partition_module(self, module: torch.nn.Module) -> None:
+        pending = False
         for name, p in module.named_parameters(recurse=True):
-            if not hasattr(p, "ds3"):
+            if hasattr(p, "ds3") or getattr(p, "ds_pending_init", False):
+                continue
+            if p.is_meta:  # built on the meta device: partitioned when its real values are registered
+                p.ds_pending_init = True
+                pending = True
+            else:
                 self._partition(p, name)
+        if pending:
+            self._pending_modules.append(weakref.ref(module))
 
-    def _partition(self, p: torch.nn.Parameter, name: str) -> None:
+    def _partition(self, p: torch.nn.Parameter, name: str, broadcast: bool = True) -> None:
         parts, rank = _world(self.group)
         full = p.detach().reshape(-1)
         if self.dtype is not None and full.is_floating_point():
             full = full.to(self.dtype)
-        if parts > 1:
+        if parts > 1 and broadcast:
             full = full.contiguous().clone()
             comm.broadcast(full, _src(self.group, 0), group=self.group)
         numel = full.numel()
@@ -99,6 +127,44 @@ class Init:
         p.ds_init_group = self.group
         p.data = torch.empty(0, dtype=full.dtype, device=full.device)
 
+    # -- parameters materialised after construction (meta-device builds) ---------------------------
+    def _on_parameter_registered(self, module: torch.nn.Module, name: str, param: Any) -> None:
+        """torch's global registration hook: a real tensor replacing a pending meta parameter."""
+        if Init._active is not self or param is None or hasattr(param, "ds3") or param.is_meta:
+            return
+        old = module._parameters.get(name)
+        if old is None or not getattr(old, "ds_pending_init", False):
+            return
+        if type(param) is not torch.nn.Parameter:
+            raise ValueError(f"zero.Init: '{name}' of {type(module).__name__} is loaded as a "
+                             f"{type(param).__name__}; only plain tensors can be partitioned (tensor-parallel "
+                             "plans and quantized loading are not supported together with zero.Init)")
+        if getattr(param, "_is_hf_initialized", False):
+            # transformers' mark for a tensor read from the checkpoint: the same bytes on every rank
+            self._partition(param, name, broadcast=False)
+        else:  # the library fills it after registering (e.g. initializes a missing key): cut it on exit
+            param.ds_pending_init = True
+
+    def _finish_pending(self) -> None:
+        """On exit: partition parameters that arrived whole after construction; refuse leftover meta ones."""
+        seen: set[int] = set()
+        for ref in self._pending_modules:
+            module = ref()
+            if module is None:
+                continue
+            for name, p in module._parameters.items():
+                if p is None or hasattr(p, "ds3") or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                if p.is_meta:
+                    raise RuntimeError(
+                        f"zero.Init: parameter '{name}' of {type(module).__name__} is still on the meta device "
+                        "when the context exits: it was never loaded (a device_map / disk offload, or a model "
+                        "built on the meta device and not materialised, cannot be partitioned)")
+                p.__dict__.pop("ds_pending_init", None)
+                self._partition(p, name)
+        self._pending_modules = []
+
     # -- patching module constructors --------------------------------------------------------------------
     def __enter__(self) -> Init:
         if not self.enabled:
@@ -111,15 +177,56 @@ class Init:
                 original = cls.__dict__["__init__"]
                 cls.__init__ = _wrap_init(original)
                 self._patched.append((cls, original))
+        self._watch_new_classes()
+        self._registration_hook = torch.nn.modules.module.register_module_parameter_registration_hook(
+            self._on_parameter_registered)
+        self._saved_env = os.environ.get(_SYNC_LOAD_ENV)
+        os.environ[_SYNC_LOAD_ENV] = "1"
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if not self.enabled:
             return
-        for cls, original in reversed(self._patched):
-            cls.__init__ = original
-        self._patched = []
-        Init._active = None
+        try:
+            if exc[0] is None:
+                self._finish_pending()
+        finally:
+            self._unwatch_new_classes()
+            for cls, original in reversed(self._patched):
+                cls.__init__ = original
+            self._patched = []
+            if self._registration_hook is not None:
+                self._registration_hook.remove()
+                self._registration_hook = None
+            if self._saved_env is None:
+                os.environ.pop(_SYNC_LOAD_ENV, None)
+            else:
+                os.environ[_SYNC_LOAD_ENV] = self._saved_env
+            self._pending_modules = []
+            Init._active = None
+
+
+    def _watch_new_classes(self) -> None:
+        """Module classes defined inside the context (transformers imports a model's code lazily, from
+        within `from_pretrained`) get their constructor wrapped as they are created."""
+        self._had_init_subclass = "__init_subclass__" in torch.nn.Module.__dict__
+        self._init_subclass = torch.nn.Module.__dict__.get("__init_subclass__")
+        active = self
+
+        def init_subclass(cls: type, **kwargs: Any) -> None:
+            super(torch.nn.Module, cls).__init_subclass__(**kwargs)
+            if Init._active is active and "__init__" in cls.__dict__:
+                original = cls.__dict__["__init__"]
+                cls.__init__ = _wrap_init(original)
+                active._patched.append((cls, original))
+
+        torch.nn.Module.__init_subclass__ = classmethod(init_subclass)
+
+    def _unwatch_new_classes(self) -> None:
+        if self._had_init_subclass:
+            torch.nn.Module.__init_subclass__ = self._init_subclass
+        elif "__init_subclass__" in torch.nn.Module.__dict__:
+            del torch.nn.Module.__init_subclass__
 
 
 def _wrap_init(original: Any) -> Any:

@@ -3,7 +3,9 @@
 The model is built from its config under `zero.Init` (already partitioned), then the checkpoint is
 read tensor by tensor on rank 0 (safetensors are memory-mapped, so one tensor is resident at a time)
 and each is scattered through `GatheredParameters(modifier_rank=0)`: every rank keeps its piece only.
-transformers' own `from_pretrained` path for ZeRO-3 needs the `deepspeed` package; this is ours.
+transformers' own `from_pretrained` also works under `zero.Init` (the DeepSpeed recipe, see `zero/init.py`:
+every rank reads the checkpoint and keeps its piece); this helper reads the checkpoint on rank 0 only
+and scatters it, for file systems that not every rank can read.
 """
 from __future__ import annotations
 
