@@ -72,11 +72,18 @@ def _check_loaded(results: list[dict], want: dict[str, torch.Tensor], skip: tupl
                 assert torch.equal(res["state"][name], t.detach()), name
 
 
-@pytest.mark.parametrize("kind,shard", [("gpt2", None), ("llama", None), ("llama", "4KB")])
-def test_from_pretrained_under_zero_init_loads_exactly_the_checkpoint(tmp_path, kind: str, shard) -> None:
+@pytest.mark.parametrize("kind,fmt", [("gpt2", "safetensors"), ("llama", "safetensors"), ("llama", "sharded"),
+                                      ("gpt2", "bin")])
+def test_from_pretrained_under_zero_init_loads_exactly_the_checkpoint(tmp_path, kind: str, fmt: str) -> None:
     path = str(tmp_path)
-    _save(kind, path, **({"max_shard_size": shard} if shard else {}))
-    if shard:  # really a sharded checkpoint
+    if fmt == "bin":  # a pytorch_model.bin (zip format: transformers memory-maps it too)
+        torch.manual_seed(3)
+        model = hf_model(kind).model
+        torch.save(model.state_dict(), os.path.join(path, "pytorch_model.bin"))
+        model.config.save_pretrained(path)
+    else:
+        _save(kind, path, **({"max_shard_size": "4KB"} if fmt == "sharded" else {}))
+    if fmt == "sharded":  # really a sharded checkpoint
         with open(os.path.join(path, "model.safetensors.index.json")) as f:
             assert len(set(json.load(f)["weight_map"].values())) > 2
     results = run_distributed(_load_worker, 2, path, "AutoModelForCausalLM", {})
@@ -110,6 +117,26 @@ def _meta_leftover_worker() -> str:
 def test_zero_init_refuses_a_meta_parameter_that_was_never_loaded() -> None:
     messages = run_distributed(_meta_leftover_worker, 2)
     assert all("still on the meta device" in m and "'weight'" in m for m in messages)
+
+
+def _disk_offload_worker(path: str) -> str:
+    import transformers
+    from ds_train.zero import Init
+
+    transformers.logging.set_verbosity_error()
+    try:
+        with Init():
+            transformers.AutoModelForCausalLM.from_pretrained(path, device_map={"": "disk"},
+                                                              offload_folder=os.path.join(path, "offload"))
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+def test_from_pretrained_under_zero_init_refuses_a_disk_device_map_by_name(tmp_path) -> None:
+    _save("llama", str(tmp_path))
+    for message in run_distributed(_disk_offload_worker, 2, str(tmp_path)):
+        assert "'model.embed_tokens.weight'" in message and "device_map" in message
 
 
 def _logits(path: str) -> torch.nn.Module:

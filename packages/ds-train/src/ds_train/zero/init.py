@@ -94,9 +94,11 @@ class Init:
     def partition_module(self, module: torch.nn.Module) -> None:
         pending = False
         for name, p in module.named_parameters(recurse=True):
-            if hasattr(p, "ds3") or getattr(p, "ds_pending_init", False):
+            if hasattr(p, "ds3"):
                 continue
-            if p.is_meta:  # built on the meta device: partitioned when its real values are registered
+            if getattr(p, "ds_pending_init", False):
+                pending = True  # a child's: this module is recorded too (it names the parameter in errors)
+            elif p.is_meta:  # built on the meta device: partitioned when its real values are registered
                 p.ds_pending_init = True
                 pending = True
             else:
@@ -158,12 +160,22 @@ class Init:
                 seen.add(id(p))
                 if p.is_meta:
                     raise RuntimeError(
-                        f"zero.Init: parameter '{name}' of {type(module).__name__} is still on the meta device "
+                        f"zero.Init: parameter '{self._qualified(module, name)}' ({type(module).__name__}) is "
+                        "still on the meta device "
                         "when the context exits: it was never loaded (a device_map / disk offload, or a model "
                         "built on the meta device and not materialised, cannot be partitioned)")
                 p.__dict__.pop("ds_pending_init", None)
                 self._partition(p, name)
         self._pending_modules = []
+
+    def _qualified(self, module: torch.nn.Module, name: str) -> str:
+        """`name`'s dotted path from the outermost module built here (the last one constructed)."""
+        for ref in reversed(self._pending_modules):
+            root = ref()
+            for prefix, sub in root.named_modules() if root is not None else ():
+                if sub is module:
+                    return f"{prefix}.{name}" if prefix else name
+        return name
 
     # -- patching module constructors --------------------------------------------------------------------
     def __enter__(self) -> Init:
