@@ -161,8 +161,7 @@ class Init:
                 if p.is_meta:
                     raise RuntimeError(
                         f"zero.Init: parameter '{self._qualified(module, name)}' ({type(module).__name__}) is "
-                        "still on the meta device "
-                        "when the context exits: it was never loaded (a device_map / disk offload, or a model "
+                        "still on the meta device when the context exits: it was never loaded (a device_map / disk offload, or a model "
                         "built on the meta device and not materialised, cannot be partitioned)")
                 p.__dict__.pop("ds_pending_init", None)
                 self._partition(p, name)
@@ -216,7 +215,6 @@ class Init:
                 os.environ[_SYNC_LOAD_ENV] = self._saved_env
             self._pending_modules = []
             Init._active = None
-
 
     def _watch_new_classes(self) -> None:
         """Module classes defined inside the context (transformers imports a model's code lazily, from
