@@ -73,6 +73,10 @@ def lm_report(args: argparse.Namespace) -> list[dict]:
         add("fp32 (GGUF Q4_1 dequantized)", base, 0.0)
     variants = [
         ("INT8 W8A8 (per-row weights, token-wise acts)", lambda: quantize(base, weight_bits=8, act_bits=8)),
+        (f"INT8 W8A8 + SmoothQuant (alpha {args.smooth_alpha})",
+         lambda: quantize(base, weight_bits=8, act_bits=8, smooth_alpha=args.smooth_alpha, calib_batches=calib)),
+        ("INT8 W8A8, asymmetric token-wise acts",
+         lambda: quantize(base, weight_bits=8, act_bits=8, act_symmetric=False)),
         ("INT8 weight-only per-row", lambda: quantize(base, weight_bits=8)),
         ("INT8 W8A8 except down_proj inputs (W8A16 there)",
          lambda: quantize(quantize(base, weight_bits=8, act_bits=8, exclude=("lm_head", "down_proj")),
@@ -82,6 +86,12 @@ def lm_report(args: argparse.Namespace) -> list[dict]:
         (f"INT4 g{args.group_size} + LKD ({args.lkd_steps} steps/block, symmetric)",
          lambda: quantize(base, weight_bits=4, group_size=args.group_size, lkd=True, calib_batches=calib,
                           lkd_steps=args.lkd_steps, lkd_lr=args.lkd_lr)),
+        (f"INT4 g{args.group_size} clipping search (symmetric)",
+         lambda: quantize(base, weight_bits=4, group_size=args.group_size, clip_search=True, calib_batches=calib)),
+        (f"INT4 g{args.group_size} clipping search + LKD learned ranges ({args.lkd_steps} steps/block, symmetric)",
+         lambda: quantize(base, weight_bits=4, group_size=args.group_size, clip_search=True, lkd=True,
+                          lkd_learn_ranges=True, calib_batches=calib, lkd_steps=args.lkd_steps, lkd_lr=args.lkd_lr,
+                          lkd_range_lr=args.lkd_range_lr)),
         ("50% unstructured (magnitude)", lambda: prune_magnitude(base, sparsity_ratio=0.5)),
         ("2:4 semi-structured", lambda: prune_n_m(base)),
     ]
@@ -174,6 +184,8 @@ def main() -> None:
                    help="INT4 group size; SmolLM2's hidden size 576 is not a multiple of 128, so 64 is the default")
     p.add_argument("--lkd-steps", type=int, default=10)
     p.add_argument("--lkd-lr", type=float, default=3e-4)
+    p.add_argument("--lkd-range-lr", type=float, default=1e-2, help="LKD learning rate of the log-scales")
+    p.add_argument("--smooth-alpha", type=float, default=0.5, help="SmoothQuant migration strength")
     p.add_argument("--kd-steps", type=int, default=80)
     p.add_argument("--kd-lr", type=float, default=3e-4)
     p.add_argument("--kd-sentences", type=int, default=1280)

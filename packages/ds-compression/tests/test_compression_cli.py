@@ -53,6 +53,20 @@ def test_quantize_with_lkd_uses_calibration_text(model_dir, tmp_path):
     assert hist[-1]["lkd"] is True and len(hist[-1]["lkd_block_mse_after"]) == 2
 
 
+@pytest.mark.skipif(not CORPUS.exists(), reason="bundled corpus missing")
+def test_quantize_smoothquant_and_clip_flags_reach_the_saved_scheme(model_dir, tmp_path):
+    out = tmp_path / "sq"
+    rc = main(["quantize", str(model_dir), "--weight-bits", "8", "--act-bits", "8", "--smooth-alpha", "0.5",
+               "--act-asymmetric", "--clip-search", "--calib", str(CORPUS), "--calib-samples", "4", "--seq-len", "32",
+               "--out", str(out), "--no-progress"])
+    assert rc == 0
+    entry = json.loads((out / "compression_config.json").read_text())["history"][-1]
+    assert entry["smooth_alpha"] == 0.5 and entry["smoothed_layers"] == 14
+    assert entry["clip_search"] is True and entry["act_symmetric"] is False
+    m = load_compressed(out)
+    assert not m.model.layers[0].self_attn.q_proj.act_symmetric
+
+
 @pytest.mark.parametrize("argv", [
     ["prune", "{m}", "--method", "2:4"],
     ["prune", "{m}", "--method", "head", "--ratio", "0.5"],
@@ -72,6 +86,8 @@ def test_prune_and_lowrank_commands(model_dir, tmp_path, argv, capsys):
     (["quantize", "{m}", "--weight-bits", "8", "--modules", "model.embed_tokens"], "Embedding"),
     (["prune", "{m}", "--method", "sparse"], "needs --ratio"),
     (["quantize", "{m}", "--weight-bits", "8", "--lkd"], "calibration"),
+    (["quantize", "{m}", "--weight-bits", "8", "--act-bits", "8", "--smooth-alpha", "0.5"], "--smooth-alpha needs"),
+    (["quantize", "{m}", "--weight-bits", "4", "--group-size", "32", "--lkd-learn-ranges"], "--lkd-learn-ranges needs"),
 ])
 def test_bad_input_exits_2_with_one_line(model_dir, tmp_path, capsys, argv, msg):
     empty = tmp_path / "empty"

@@ -21,6 +21,12 @@ def precheck(args: argparse.Namespace) -> None:
             check_bits(args.act_bits, (4, 8), "activation quantization")
         if args.lkd and not args.calib:
             raise CompressionInputError("--lkd needs calibration data: pass --calib <text file>")
+        if args.smooth_alpha is not None and (args.act_bits is None or not args.calib):
+            raise CompressionInputError("--smooth-alpha needs --act-bits and calibration data (--calib <text file>)")
+        if args.act_asymmetric and args.act_bits is None:
+            raise CompressionInputError("--act-asymmetric needs --act-bits")
+        if args.lkd_learn_ranges and not args.lkd:
+            raise CompressionInputError("--lkd-learn-ranges needs --lkd")
     if args.command == "prune" and args.method != "2:4" and args.ratio is None:
         raise CompressionInputError(f"--method {args.method} needs --ratio")
 
@@ -39,9 +45,12 @@ def quantize(model: nn.Module, args: argparse.Namespace, batches: list | None) -
     out = run(model, method=args.method, weight_bits=args.weight_bits, group_size=args.group_size,
               act_bits=args.act_bits, symmetric=not args.asymmetric, modules=args.modules, exclude=args.exclude,
               lkd=args.lkd, calib_batches=batches, lkd_steps=args.lkd_steps, lkd_lr=args.lkd_lr,
-              show_progress=not args.no_progress)
+              act_symmetric=not args.act_asymmetric, smooth_alpha=args.smooth_alpha, clip_search=args.clip_search,
+              lkd_learn_ranges=args.lkd_learn_ranges, show_progress=not args.no_progress)
     note = f"W{args.weight_bits}" + (f"A{args.act_bits}" if args.act_bits else "") + \
-        (f" g{args.group_size}" if args.group_size else " per-row") + (" +LKD" if args.lkd else "")
+        (f" g{args.group_size}" if args.group_size else " per-row") + (" +LKD" if args.lkd else "") + \
+        (f" +SmoothQuant({args.smooth_alpha})" if args.smooth_alpha is not None else "") + \
+        (" +clip" if args.clip_search else "")
     return out, note
 
 

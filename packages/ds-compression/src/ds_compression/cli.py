@@ -47,9 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, default=None, help="weights per scale along a row (default: whole row)")
     q.add_argument("--act-bits", type=int, default=None, help="token-wise dynamic activation bits (e.g. 8)")
     q.add_argument("--asymmetric", action="store_true", help="asymmetric weight ranges")
+    q.add_argument("--act-asymmetric", action="store_true", help="token-wise activation ranges [min, max]")
+    q.add_argument("--smooth-alpha", type=float, default=None,
+                   help="SmoothQuant: migrate activation outliers into the weights (e.g. 0.5; needs --act-bits, --calib)")
+    q.add_argument("--clip-search", action="store_true",
+                   help="per-group clipping range with the least (input-weighted with --calib) squared error")
     q.add_argument("--lkd", action="store_true", help="layer-by-layer distillation on --calib")
     q.add_argument("--lkd-steps", type=int, default=10)
     q.add_argument("--lkd-lr", type=float, default=3e-4)
+    q.add_argument("--lkd-learn-ranges", action="store_true", help="LKD also trains each group's scale (and zero)")
     calib_args(q, required=False)
 
     x = sub.add_parser("xtc", help="XTC: layer reduction + 1/2-bit weights + distillation")

@@ -69,11 +69,13 @@ def layerwise_distill(
     steps: int = 100,
     lr: float = 1e-5,
     show_progress: bool = True,
+    range_lr: float | None = None,
 ) -> dict[str, Any]:
     """Distill each block of `student` (a deep copy of `teacher`) in turn; returns per-block losses.
 
     `make_trainable(name, linear)` returns the fake-quantized stand-in for a linear (or None to keep
-    it); `freeze(stand_in)` turns a tuned stand-in into its final inference module.
+    it); `freeze(stand_in)` turns a tuned stand-in into its final inference module. Parameters a
+    stand-in lists in `range_parameters()` (learned quantization ranges) train at `range_lr`.
     """
     _, s_blocks = find_block_list(student)
     _, t_blocks = find_block_list(teacher)
@@ -90,14 +92,18 @@ def layerwise_distill(
                 if new is not None:
                     set_module(s_block, name, new)
                     stand_ins[name] = new
-        params = [p for m in stand_ins.values() for p in m.parameters()]
+        ranges = [p for m in stand_ins.values() for p in getattr(m, "range_parameters", list)()]
+        params = [p for m in stand_ins.values() for p in m.parameters() if all(p is not r for r in ranges)]
         for p in s_block.parameters():
             p.requires_grad_(False)
-        for p in params:
+        for p in params + ranges:
             p.requires_grad_(True)
         before = _block_mse(s_block, inputs, targets)
         if params and steps > 0:
-            opt = torch.optim.Adam(params, lr=lr)
+            groups = [{"params": params, "lr": lr}]
+            if ranges:
+                groups.append({"params": ranges, "lr": lr if range_lr is None else range_lr})
+            opt = torch.optim.Adam(groups)
             for step in range(steps):
                 hidden, kw = inputs[step % len(inputs)]
                 loss = nn.functional.mse_loss(run_block(s_block, hidden, kw), targets[step % len(inputs)])

@@ -56,7 +56,10 @@ class QuantLinear(nn.Module):
         act_bits: int | None = None,
         symmetric: bool = True,
         act_symmetric: bool = True,
+        ranges: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> QuantLinear:
+        """`ranges`: per-group (scale, zero) to quantize with (from a clipping search or LKD) instead
+        of each group's min/max; zero is None for symmetric weights."""
         out_features, in_features = weight.shape
         group = group_size or in_features
         if weight_bits in (4, 8) and in_features % group:
@@ -67,7 +70,12 @@ class QuantLinear(nn.Module):
         mod = cls(in_features, out_features, weight_bits, group, act_bits, symmetric, act_symmetric, bias)
         mod.weight_dtype = weight.dtype
         w = weight.detach()
-        if weight_bits in (4, 8):
+        if ranges is not None and (weight_bits not in (4, 8) or (ranges[1] is None) != symmetric):
+            raise ValueError("ranges need 4/8-bit weights and a zero offset exactly when asymmetric")
+        if ranges is not None:
+            qt = kernels.quantize_with_scales(w, weight_bits, group, ranges[0], ranges[1])
+            mod._set_quantized(qt.data, qt.scale, qt.zero_point)
+        elif weight_bits in (4, 8):
             qt = kernels.quantize(w, weight_bits, group, symmetric=symmetric)
             mod._set_quantized(qt.data, qt.scale, qt.zero_point)
         else:
