@@ -22,6 +22,10 @@ the DeepSpeed recipe for large models), stage 2 (model built whole, then handed 
 torch AdamW; the model is built whole on each rank and then sharded, FSDP2's eager recipe).
 
     .venv/bin/python tools/bench/bench_zero3_max_model.py [--cap-gib 1] [--max-seconds 600]
+    .venv/bin/python tools/bench/bench_zero3_max_model.py --cap-gib 4 --max-seconds 1200 --resolution 0.2 --warm-start
+The second line is the issue's 4 GiB cap (2 ranks x 4 GiB: needs ~9 GiB free); probes take longer there
+(bigger models), so the coarser bisection keeps it near 20 minutes on 2 cores, and the NVMe search,
+which runs last, usually ends time-limited (its result is then a lower bound).
 Prints progress on stderr and one JSON line on stdout: the largest parameter count per method and the
 ratios ours (ZeRO-3 + NVMe) / FSDP2 and ours / stage 2 (> 1: ours trains a larger model in the same cap).
 """
@@ -104,10 +108,9 @@ def _ds_config(method: str, nvme_dir: str, n_embd: int) -> dict:
 
 
 def _train_ours(method: str, n_embd: int, n_layer: int, nvme_dir: str, rank: int) -> tuple[int, list[float]]:
+    import ds_train
     import torch
     import transformers
-
-    import ds_train
 
     cfg = _ds_config(method, nvme_dir, n_embd)
     torch.manual_seed(0)
@@ -159,7 +162,6 @@ def _train_fsdp2(n_embd: int, n_layer: int, rank: int) -> tuple[int, list[float]
 def rank_main(method: str, n_embd: int, n_layer: int, nvme_dir: str) -> None:
     """One rank of one probe: train 2 steps, print a RESULT line with the peak RSS."""
     import torch
-
     from ds_core import comm
 
     torch.set_num_threads(1)
@@ -305,6 +307,9 @@ def main() -> None:
     ap.add_argument("--resolution", type=float, default=0.1,
                     help="stop bisecting when the first failure is within this fraction above the last success")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    ap.add_argument("--warm-start", action="store_true",
+                    help="start each method's search at the largest size an earlier method trained (saves the "
+                         "small probes at big caps; a failure there still bisects downwards)")
     a = ap.parse_args()
     methods = [m for m in a.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
@@ -318,10 +323,16 @@ def main() -> None:
     # size: every probe pays ~5 s of process start-up, and a failure there still bisects downwards
     start = next((i for i, e in enumerate(ladder) if e[0] >= cap / 64), len(ladder) - 1)
     end = time.monotonic() + a.max_seconds
+    load_before = os.getloadavg()[0]
     found: dict[str, dict] = {}
     for k, method in enumerate(methods):
         share = (end - time.monotonic()) / (len(methods) - k)
-        found[method] = search(method, cap, time.monotonic() + share, ladder, start, a.resolution)
+        first = start
+        if a.warm_start:
+            done = [ladder.index((r["max_params"], r["n_embd"], r["n_layer"])) for r in found.values()
+                    if r["max_params"]]
+            first = max([start] + done)
+        found[method] = search(method, cap, time.monotonic() + share, ladder, first, a.resolution)
 
     def ratio(num: str, den: str) -> float | None:
         if num not in found or den not in found or not found[den]["max_params"]:
@@ -331,7 +342,8 @@ def main() -> None:
     print(json.dumps({
         "bench": "zero3_max_model", "cap_gib_per_process": a.cap_gib, "cap_check": "peak RSS (VmRSS poll + VmHWM)",
         "world": WORLD, "seq": SEQ, "micro_batch": 1, "steps": 2, "precision": "bf16, AdamW",
-        "max_seconds": a.max_seconds, "resolution": a.resolution,
+        "max_seconds": a.max_seconds, "resolution": a.resolution, "warm_start": a.warm_start,
+        "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # start, end: 2 cores here
         "max_params": {m: r["max_params"] for m, r in found.items()},
         "ratio_zero3_nvme_over_fsdp2": ratio("zero3_nvme", "fsdp2"),
         "ratio_zero3_nvme_over_zero2": ratio("zero3_nvme", "zero2"),
