@@ -1,10 +1,12 @@
 """ZeRO-3 per-rank model-state memory vs 16Ψ/N and communication per step vs 3Ψ (ours, counted, same run).
 
 GPT-2 (~20M parameters, transformers from a config) in bf16 with AdamW on 2 gloo ranks, nothing
-persistent. Memory: bytes of every tensor the strategy holds (bf16 shards, bf16 gradient shard,
-fp32 master, Adam moments) against the formula 16Ψ/N. Communication: elements moved by the
-all-gathers and reduce-scatters of one training step (ds_core.comm.comms_logger, after a warmup
-step that records the module order) against 3Ψ (forward gather, backward gather, reduce-scatter).
+persistent. Memory: bytes of every tensor the strategy holds (fp32 master, bf16 shards unless they are
+the master itself, bf16 gradient shard, Adam moments; each storage counted once) against DeepSpeed's
+formula 16Ψ/N and against ours, 14Ψ/N (the gathers cast the master instead of keeping a bf16 copy).
+Communication: elements moved by the all-gathers and reduce-scatters of one training step
+(ds_core.comm.comms_logger, after a warmup step that records the module order) against 3Ψ (forward
+gather, backward gather, reduce-scatter).
 
     .venv/bin/python tools/bench/bench_zero3_memory_comm.py [--world 2] [--layers 5]
 Prints one JSON line.
@@ -59,12 +61,22 @@ def _worker(n_embd: int, n_layer: int, seq: int, micro: int) -> dict:
     comm.comms_logger.configure(enabled=False)
     moved = {op: t["bytes"] // 2 for op, t in totals.items()  # bf16: 2 bytes per element
              if op in ("all_gather_into_tensor", "reduce_scatter_tensor")}
+    seen: set[int] = set()
+
+    def count(tensors) -> int:  # each storage once: the shards may be the master itself (MasterTier)
+        total = 0
+        for t in tensors:
+            if t is not None and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                total += t.untyped_storage().nbytes()
+        return total
+
     held = {
-        "bf16_shards": sum(f.numel() * f.element_size() for f in s.tier.flats),
-        "grad_shards": sum(g.numel() * g.element_size() for g in s.grad_shards),
-        "fp32_master": sum(m.numel() * m.element_size() for m in s.master if m is not None),
-        "optimizer_state": sum(v.numel() * v.element_size() for st in s.optimizer.state.values()
-                               for v in st.values() if isinstance(v, torch.Tensor) and v.numel() > 1),
+        "fp32_master": count(s.master),
+        "bf16_shards": count(getattr(s.tier, "flats", [])),
+        "grad_shards": count(s.grad_shards),
+        "optimizer_state": count(v for st in s.optimizer.state.values()
+                                 for v in st.values() if isinstance(v, torch.Tensor) and v.numel() > 1),
     }
     engine.destroy()
     return {"psi": psi, "world": world, "held": held, "moved": moved}
@@ -88,7 +100,8 @@ def main() -> None:
     print(json.dumps({
         "bench": "zero3_memory_comm", "model": f"gpt2 {psi / 1e6:.1f}M params, bf16, AdamW", "world": world,
         "model_state_bytes_per_rank": held, "formula_16psi_over_n": formula,
-        "memory_ratio": round(held / formula, 4), "held_breakdown": res["held"],
+        "memory_ratio": round(held / formula, 4), "formula_ours_14psi_over_n": 14 * psi / world,
+        "memory_ratio_vs_14psi": round(held / (14 * psi / world), 4), "held_breakdown": res["held"],
         "elements_moved_per_step": moved, "theory_3psi": 3 * psi, "comm_ratio": round(moved / (3 * psi), 4),
         "moved_breakdown": res["moved"],
     }))

@@ -3,11 +3,13 @@
 GPT-2 (~20M parameters, from a config) on 2 gloo ranks: ours at stage 3 with bf16 parameters and
 fp32 master weights + AdamW; FSDP2 with fp32 sharded parameters, MixedPrecisionPolicy(bf16 params,
 bf16 reductions) + AdamW, every transformer block and the root wrapped. Both run in the same
-invocation on the same worker processes; median step time after warmup, and the peak resident set
-growth of rank 0 from before the model is built to the end (VmHWM; fresh worker processes per run).
+invocation, interleaved round by round (FSDP2, ours, DeepSpeed); per run the median step time after
+warmup, and the peak resident set growth of rank 0 from before the model is built (libraries already
+imported, in all three) to the end (VmHWM; fresh worker processes per run). Reported: the best time and
+the largest memory over the rounds.
 
     .venv/bin/python tools/bench/bench_zero3_step_time.py [--steps 8] [--offload cpu]
-        [--deepspeed-python /tmp/dsbench3/bin/python]
+        [--rounds 2] [--deepspeed-python /tmp/dsbench3/bin/python]
 With --deepspeed-python, DeepSpeed's stage 3 runs too (bench_zero3_ds_worker.py under torchrun in that
 interpreter's venv; never in the project venv). Prints one JSON line with ours/baseline ratios (< 1: ours
 faster / smaller).
@@ -65,10 +67,17 @@ def _batch(i: int, rank: int, micro: int, seq: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (micro, seq), generator=torch.Generator().manual_seed(i * 10 + rank))
 
 
+def _import_libraries() -> None:
+    """Code, not model state: imported before the baseline RSS, as the DeepSpeed worker does too."""
+    import transformers  # noqa: F401
+
+
 def _ours(args: dict) -> dict:
     import ds_train
+    import ds_train.engine  # noqa: F401  (ds_train's names are lazy: import the engine's code now)
     from ds_core import comm
 
+    _import_libraries()
     rank = comm.get_rank()
     before = _rss("VmRSS:")
     _peak_reset()
@@ -99,6 +108,7 @@ def _fsdp2(args: dict) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    _import_libraries()
     rank, world = comm.get_rank(), comm.get_world_size()
     before = _rss("VmRSS:")
     _peak_reset()
@@ -147,6 +157,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--offload", choices=["none", "cpu"], default="none")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; best time, largest memory")
     ap.add_argument("--deepspeed-python", default=None, help="python of a venv with deepspeed installed")
     args = vars(ap.parse_args())
     ds_python = args.pop("deepspeed_python")
@@ -154,14 +165,21 @@ def main() -> None:
         shutdown_pool()
         return run_distributed(fn, args["world"], args, timeout=1800)[0]
 
-    # alternate the two so that slow drift of the machine hits both alike
-    fsdp_a, ours_a, fsdp_b, ours_b = fresh(_fsdp2), fresh(_ours), fresh(_fsdp2), fresh(_ours)
+    # alternate the three so that slow drift of the machine (other jobs on it) hits all alike
+    runs: dict[str, list[dict]] = {"ours": [], "fsdp": [], "ds": []}
+    for _ in range(args.pop("rounds")):
+        runs["fsdp"].append(fresh(_fsdp2))
+        runs["ours"].append(fresh(_ours))
+        shutdown_pool()
+        if ds_python:
+            runs["ds"].append(_deepspeed(ds_python, args))
     shutdown_pool()
-    ds = _deepspeed(ds_python, args) if ds_python else None
-    ours = min(ours_a["seconds"], ours_b["seconds"])
-    fsdp = min(fsdp_a["seconds"], fsdp_b["seconds"])
-    ours_mem = max(ours_a["peak_growth"], ours_b["peak_growth"])
-    fsdp_mem = max(fsdp_a["peak_growth"], fsdp_b["peak_growth"])
+    ds = {"deepspeed": runs["ds"][0]["deepspeed"], "seconds": min(r["seconds"] for r in runs["ds"]),
+          "peak_growth": max(r["peak_growth"] for r in runs["ds"])} if ds_python else None
+    ours = min(r["seconds"] for r in runs["ours"])
+    fsdp = min(r["seconds"] for r in runs["fsdp"])
+    ours_mem = max(r["peak_growth"] for r in runs["ours"])
+    fsdp_mem = max(r["peak_growth"] for r in runs["fsdp"])
     print(json.dumps({
         "bench": "zero3_step_time", "model": "gpt2 ~20M, bf16 compute, fp32 master, AdamW", "world": args["world"],
         "micro_batch": args["micro"], "seq": args["seq"], "offload": args["offload"],

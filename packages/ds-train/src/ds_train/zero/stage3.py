@@ -8,8 +8,11 @@ device memory, in host memory (offload_optimizer=cpu, the ds-kernels CPU Adam), 
 NVMe files (offload_optimizer=nvme). Model-dtype shards live in device memory, host memory
 (offload_param=cpu) or an NVMe file (offload_param=nvme).
 
-Per-rank model states: 2Ψ/N (model-dtype shards) + grad shard + 4Ψ/N fp32 master + 8Ψ/N Adam
-moments = 16Ψ/N for bf16 with bf16 gradients; fp32 training shares the master and the shard (16Ψ/N).
+Per-rank model states: 2Ψ/N (bf16 gradient shard) + 4Ψ/N fp32 master + 8Ψ/N Adam moments = 14Ψ/N for
+bf16: where the master lives in the memory the model-dtype shards would (no offload, or both offloaded
+to host) the gathers read the master and cast it (`MasterTier`), so DeepSpeed's separate 2Ψ/N bf16
+shard (its 16Ψ/N) exists only when the two are in different tiers (e.g. offload_param=nvme).
+fp32 training: 4Ψ/N grads + 4Ψ/N master (= the shard) + 8Ψ/N Adam = 16Ψ/N.
 """
 from __future__ import annotations
 
@@ -23,8 +26,8 @@ from ds_core import comm
 from ds_core.logging import log_dist
 
 from ds_train.zero.partition import GroupLayout, build_layout
-from ds_train.zero.stage3_grads import GradReducer
-from ds_train.zero.stage3_params import MemoryTier, ParamGatherer, Stage3Param
+from ds_train.zero.stage3_grads import GradReducer, GradShards
+from ds_train.zero.stage3_params import MasterTier, MemoryTier, ParamGatherer, Stage3Param
 from ds_train.zero.stage3_prefetch import PrefetchCoordinator
 from ds_train.zero.stage3_state import Stage3StateMixin
 from ds_train.zero.strategy import StepResult, ZeroStrategy, grad_divisor
@@ -158,11 +161,19 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
             self.swap_folder = SwapFolder(path, comm.get_rank() if comm.is_initialized() else 0,
                                           block_size=opts.aio_block_size, queue_depth=opts.aio_queue_depth,
                                           threads=opts.aio_threads)
+        host_master = opts.offload_optimizer in ("cpu", "nvme")
+        # the master in the memory the shards would use (no offload, or both in host memory): the
+        # shards are read from it, cast by the gather (MasterTier), instead of a second 2Ψ/N copy
+        shared = opts.offload_optimizer != "nvme" and (opts.offload_param == "cpu") == host_master
         if opts.offload_param == "nvme":
             from ds_train.offload.nvme_params import NvmeParamTier
 
             largest = max((r.shard_numel for r in self.records), default=1)
             self.tier = NvmeParamTier(self.swap_folder, sizes, dtype, opts.param_buffer_size, largest)
+        elif shared:
+            on_host = opts.offload_param == "cpu"
+            self.tier = MasterTier(MemoryTier(sizes, torch.float32, torch.device("cpu") if on_host else device,
+                                              pin=on_host and opts.pin_memory).flats)
         else:
             on_host = opts.offload_param == "cpu"
             self.tier = MemoryTier(sizes, dtype, torch.device("cpu") if on_host else device,
@@ -172,7 +183,6 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
 
         # -- fp32 master shard and optimizer -----------------------------------------------------------
         self.master: list[torch.Tensor | None] = []
-        host_master = opts.offload_optimizer in ("cpu", "nvme")
         if opts.offload_optimizer == "nvme":
             from ds_train.offload.nvme_optimizer import NvmeOptimizerSwapper
 
@@ -186,17 +196,14 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
                     shards[si] = None
             initial = []
         for gi, shards in enumerate(initial):
-            flat = self.tier.flat(gi)
-            if flat is not None and dtype == torch.float32 and not host_master:
-                self.master.append(flat)  # fp32 without offload: the shard is the master copy
-                continue
             # filled piece by piece: no second whole-shard temporary next to the master copy
-            master = torch.empty(sizes[gi], dtype=torch.float32, device="cpu" if host_master else device)
+            master = self.tier.flat(gi) if shared else \
+                torch.empty(sizes[gi], dtype=torch.float32, device="cpu" if host_master else device)
             for si, shard in enumerate(shards):
                 offset = self._layouts[gi].buckets[si].shard_offset
                 master[offset : offset + shard.numel()].copy_(shard.reshape(-1))
                 shards[si] = None  # the tier holds the model-dtype copy; drop this one now
-            if opts.offload_optimizer == "cpu" and opts.pin_memory:
+            if opts.offload_optimizer == "cpu" and opts.pin_memory and not shared:
                 from ds_core.accelerator import get_accelerator
 
                 master = get_accelerator().pin_memory(master)
@@ -218,7 +225,7 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
 
         # -- gradients, hooks ---------------------------------------------------------------------------
         grad_device = torch.device("cpu") if host_master else device
-        self.grad_shards = [torch.zeros(n, dtype=grad_dtype, device=grad_device) for n in sizes]
+        self.grad_shards = GradShards(sizes, grad_dtype, grad_device)
         self.gatherer = ParamGatherer(self.tier, dtype, device, group)
         self.coordinator = PrefetchCoordinator(
             model, self.gatherer, prefetch_bucket_size=opts.prefetch_bucket_size,
@@ -399,7 +406,7 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
         master = self.master[rec.group]
         if self.nvme_optimizer is not None:
             self.nvme_optimizer.write_range(rec.group, "fp32", rec.shard_offset, piece.float())
-        elif master is not self.tier.flat(rec.group):
+        else:  # also when the tier shares the master: a MasterTier stores nothing itself
             master[rec.shard_offset : rec.shard_offset + rec.shard_numel].copy_(piece)
         self.tier.write_group(rec.group, rec.shard_offset, piece)
 

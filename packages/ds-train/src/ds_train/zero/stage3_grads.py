@@ -17,7 +17,38 @@ from ds_core import comm
 
 from ds_train.zero.stage3_params import Stage3Param
 
-__all__ = ["GradReducer"]
+__all__ = ["GradReducer", "GradShards"]
+
+
+class GradShards:
+    """This rank's flat gradient shard per param group, allocated when first touched, freed by `release`.
+
+    They exist from the first reduce-scatter of a backward until the optimizer step (or zero_grad), not
+    through the forward: the forward and the start of backward hold the activations, the step's peak,
+    and 2Ψ/N (bf16) of gradients there would add to it for nothing.
+    """
+
+    def __init__(self, sizes: list[int], dtype: torch.dtype, device: torch.device) -> None:
+        self.sizes, self.dtype, self.device = sizes, dtype, device
+        self._shards: list[torch.Tensor | None] = [None] * len(sizes)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, group: int) -> torch.Tensor:
+        shard = self._shards[group]
+        if shard is None:
+            shard = self._shards[group] = torch.zeros(self.sizes[group], dtype=self.dtype, device=self.device)
+        return shard
+
+    def __iter__(self):
+        return (self[gi] for gi in range(len(self.sizes)))
+
+    def allocated(self) -> list[torch.Tensor]:
+        return [t for t in self._shards if t is not None]
+
+    def release(self) -> None:
+        self._shards = [None] * len(self.sizes)
 
 
 class _Bucket:
@@ -36,7 +67,7 @@ class _Bucket:
 class GradReducer:
     """Fills `grad_shards[group]` (flat, this rank's layout) with the averaged gradients."""
 
-    def __init__(self, recs: list[Stage3Param], grad_shards: list[torch.Tensor], *, bucket_size: int,
+    def __init__(self, recs: list[Stage3Param], grad_shards: GradShards, *, bucket_size: int,
                  comm_dtype: torch.dtype, group: Any, overlap: bool,
                  predivide: float = 1.0, prescale: bool = False) -> None:
         self.group = group
@@ -99,7 +130,7 @@ class GradReducer:
     def _launch(self, b: _Bucket) -> None:
         if b.staging is None:
             b.staging = torch.zeros(self.parts, b.shard_total, dtype=self.comm_dtype,
-                                    device=self.grad_shards[0].device)
+                                    device=self.grad_shards.device)
         if self.prescale:
             pre, post = 1.0 / self.predivide, self.predivide / self.parts
         else:
@@ -147,6 +178,5 @@ class GradReducer:
         return missing
 
     def clear(self) -> None:
-        for g in self.grad_shards:
-            g.zero_()
+        self.grad_shards.release()  # the next backward starts from zero (its first micro step copies)
         self.first_micro = True

@@ -15,7 +15,8 @@ from typing import Any, Protocol
 import torch
 from ds_core import comm
 
-__all__ = ["Stage3Param", "ShardTier", "MemoryTier", "ParamGatherer", "PendingGather", "is_partitioned"]
+__all__ = ["Stage3Param", "ShardTier", "MemoryTier", "MasterTier", "ParamGatherer", "PendingGather",
+           "is_partitioned"]
 
 RELEASED, INFLIGHT, GATHERED = "released", "inflight", "gathered"
 
@@ -79,6 +80,29 @@ class MemoryTier:
 
     def write_group(self, group: int, offset: int, values: torch.Tensor) -> None:
         self.flats[group][offset : offset + values.numel()].copy_(values)
+
+    def flat(self, group: int) -> torch.Tensor | None:
+        return self.flats[group]
+
+
+class MasterTier:
+    """The model-dtype shards are the fp32 master shards, cast when a gather copies them out.
+
+    Used when the master lives in the same memory as the shards would (no offload, or both offloaded
+    to host memory): a second, model-dtype copy would cost 2Ψ/N bytes per rank and a copy after every
+    step, and the cast is exactly the rounding that copy did. The master is the only copy, so
+    `write_group` stores nothing: whoever changes weights writes the master.
+    """
+
+    def __init__(self, masters: list[torch.Tensor]) -> None:
+        self.flats = masters
+
+    def read(self, rec: Stage3Param) -> torch.Tensor:
+        # fp32: the gatherer's copy into its model-dtype input buffer does the cast
+        return self.flats[rec.group][rec.shard_offset : rec.shard_offset + rec.shard_numel]
+
+    def write_group(self, group: int, offset: int, values: torch.Tensor) -> None:
+        """Nothing to store: the values are derived from the master, which the caller has updated."""
 
     def flat(self, group: int) -> torch.Tensor | None:
         return self.flats[group]
