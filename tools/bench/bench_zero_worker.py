@@ -9,6 +9,7 @@ Prints one JSON line (rank 0): median step seconds and the max per-rank peak RSS
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import resource
@@ -21,6 +22,25 @@ import torch.distributed as dist  # baseline libraries (DDP, FSDP2, DeepSpeed) n
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_zero_common import batch, gpt, timed_steps  # noqa: E402
+
+#: rendezvous and collectives give up (and the rank exits with an error) instead of waiting 30 minutes
+INIT_TIMEOUT = datetime.timedelta(minutes=5)
+
+
+def file_backed_rss() -> int:
+    """Bytes of this process's RSS that are mapped files (shared libraries) or shared memory.
+
+    Two byte-identical copies of libtorch in two venvs can differ by ~40 MB here: how many of a
+    library's text pages a fresh process maps depends on the page cache state of that file copy, not on
+    the program. Peak RSS minus this (it only grows once the libraries are loaded) is the anonymous
+    peak: the memory the training code itself holds."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("RssFile", "RssShmem"):
+                fields[key] = int(rest.split()[0]) * 1024
+    return sum(fields.values())
 
 
 def config(stage: int, dtype: str, micro: int) -> dict:
@@ -42,6 +62,29 @@ def config(stage: int, dtype: str, micro: int) -> dict:
     return cfg
 
 
+def _instrument(phases, impl: str, engine) -> None:
+    """Wrap the parts of a step (ours: the ZeRO strategy's phases; DeepSpeed: its optimizer's) as phases."""
+    if engine is None:
+        return
+    phases.wrap(engine, "forward", "forward")
+    phases.wrap(engine, "backward", "backward")
+    phases.wrap(engine, "step", "engine.step")
+    if impl.startswith("ours"):
+        strat = engine.strategy
+        for attr in ("after_backward", "_master_grads", "_refresh_params"):
+            if hasattr(strat, attr):
+                phases.wrap(strat, attr, f"zero.{attr.strip('_')}")
+        phases.wrap(strat.optimizer, "step", "torch_optimizer.step")
+    else:
+        opt = engine.optimizer
+        for attr in ("backward_epilogue", "update_hp_grads", "reduce_gradients", "update_lp_params",
+                     "_update_model_bf16_weights", "step"):
+            if hasattr(opt, attr):
+                phases.wrap(opt, attr, f"ds_opt.{attr.strip('_')}")
+        phases.wrap(engine, "allreduce_gradients", "ds.allreduce_gradients")
+        phases.wrap(opt.optimizer, "step", "torch_optimizer.step")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--impl", choices=["ours", "ours-gloo", "ddp", "fsdp2", "deepspeed"], required=True,
@@ -53,14 +96,24 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--local_rank", type=int, default=-1)
+    p.add_argument("--phases", action="store_true",
+                   help="also report the peak RSS of each phase of a step (bench_zero_phases.py)")
     args = p.parse_args()
     torch.set_num_threads(1)
+    phases = None
+    if args.phases:
+        from bench_zero_phases import PhaseRSS
+
+        phases = PhaseRSS()
+        phases.mark("init.imports")
     model = gpt()
+    if phases:
+        phases.mark("init.model")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.impl in ("ours", "ours-gloo"):
         import ds_train
 
-        ds_train.init_distributed()
+        ds_train.init_distributed(timeout=INIT_TIMEOUT)
         cfg = config(args.stage, args.dtype, args.micro)
         if args.impl == "ours-gloo":
             cfg["zero_optimization"].update(reduce_scatter=False, allgather_partitions=False)
@@ -73,7 +126,7 @@ def main() -> None:
     elif args.impl == "deepspeed":
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo")
+        deepspeed.init_distributed(dist_backend="gloo", timeout=INIT_TIMEOUT)
         engine, *_ = deepspeed.initialize(
             model=model,
             model_parameters=model.parameters(),
@@ -85,7 +138,7 @@ def main() -> None:
             engine.backward(engine(input_ids=ids, labels=ids).loss)
             engine.step()
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=INIT_TIMEOUT)
         if args.impl == "ddp":
             if dtype != torch.float32:
                 raise SystemExit("the DDP baseline runs fp32 (it has no fp32 master weights)")
@@ -108,8 +161,23 @@ def main() -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+    if phases:
+        _instrument(phases, args.impl, engine if args.impl != "ddp" and args.impl != "fsdp2" else None)
+        phases.mark("init.engine")
+        inner = step
+
+        def step(i: int) -> None:
+            phases.enter("step.first" if i == 0 else "step.later")
+            try:
+                inner(i)
+            finally:
+                phases.exit()
+
     seconds = timed_steps(step, args.warmup, args.steps)
-    stats = torch.tensor([seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+    if phases:  # clear_refs resets the high-water mark that ru_maxrss reads: take the phases' maximum
+        peak = max(st["peak"] for st in phases.stats.values())
+    stats = torch.tensor([seconds, peak, peak - file_backed_rss()], dtype=torch.float64)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:
         print(
@@ -121,13 +189,21 @@ def main() -> None:
                     "dtype": args.dtype,
                     "step_s": stats[0].item(),
                     "peak_rss_bytes": int(stats[1].item()),
+                    "peak_anon_bytes": int(stats[2].item()),
                     "world": dist.get_world_size(),
                     "pid": os.getpid(),
+                    **({"phases_mib": phases.report()} if phases else {}),
                 }
             ),
             flush=True,
         )
-    dist.destroy_process_group()
+    # The result is out: leave without tearing the process group (and gloo's threads) down. Teardown
+    # with DDP's reducer still alive hung now and then after RESULT was printed (torch issue 75097
+    # reports destroy_process_group hanging at random), and a benchmark has nothing to clean up.
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

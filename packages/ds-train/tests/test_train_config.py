@@ -79,14 +79,16 @@ def test_unresolved_auto_is_named() -> None:
         ds_train.initialize(model=make_model(), config=cfg)
 
 
-def test_lamb_is_refused_with_sharded_optimizer_but_runs_at_stage_0() -> None:
-    cfg = engine_config(2, "fp32", 1, 1)
+def test_lamb_runs_at_stages_0_to_2_and_is_refused_at_stage_3() -> None:
+    cfg = engine_config(3, "fp32", 1, 1)
     cfg["optimizer"] = {"type": "Lamb", "params": {"lr": 1e-3}}
     with pytest.raises(ConfigError, match="elementwise"):
         ds_train.initialize(model=make_model(), config=cfg)
-    cfg["zero_optimization"]["stage"] = 0
-    engine, opt, *_ = ds_train.initialize(model=make_model(), config=cfg)
-    assert type(opt).__name__ == "Lamb"
+    for stage in (0, 1, 2):
+        cfg["zero_optimization"]["stage"] = stage
+        engine, opt, *_ = ds_train.initialize(model=make_model(), config=cfg)
+        assert type(opt).__name__ == "Lamb"
+        engine.destroy()
 
 
 def test_unknown_optimizer_params_are_errors() -> None:

@@ -18,6 +18,7 @@ import torch
 from ds_core import comm
 from ds_core.testing import run_distributed
 from ds_train.testing import engine_config, lm_loss, make_batch, make_model, reference_train
+from ds_train.zero import stage1_2
 
 STEPS = 10
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -29,6 +30,10 @@ CASES_W2 += [
     (2, "fp32", 1, "offload"), (1, "bf16", 4, "offload"), (2, "fp32", 4, "allreduce_no_overlap"),
     (1, "fp32", 1, "broadcast_gather"), (2, "fp32", 1, "tiny_allgather"),
 ]
+# the optimizer stepped chunk by chunk (a few dozen elements per call instead of 4M), so every batch
+# boundary, the per-batch fp32 gradient copies and the per-piece norm/overflow checks are exercised
+CASES_W2 += [(0, "bf16", 1, "step_chunks"), (1, "bf16", 4, "step_chunks"), (2, "bf16", 1, "step_chunks"),
+             (2, "fp16", 1, "step_chunks")]
 CASES_W4 = [(0, "fp32", 4, "default"), (1, "bf16", 1, "fp32_accum"), (2, "fp32", 4, "default"),
             (2, "fp16", 1, "default"), (2, "bf16", 4, "offload")]
 
@@ -39,6 +44,7 @@ VARIANTS = {
     "allreduce_no_overlap": {"reduce_scatter": False, "overlap_comm": False},
     "broadcast_gather": {"allgather_partitions": False},
     "tiny_allgather": {"allgather_bucket_size": 7},
+    "step_chunks": {},
 }
 
 
@@ -57,7 +63,13 @@ def _train(cases: list[tuple], steps: int) -> dict:
     rank, world = comm.get_rank(), comm.get_world_size()
     out = {}
     for case in cases:
-        engine, *_ = ds_train.initialize(model=make_model(), config=_config(case, world))
+        chunk = stage1_2._STEP_CHUNK
+        if case[3] == "step_chunks":
+            stage1_2._STEP_CHUNK = 37
+        try:
+            engine, *_ = ds_train.initialize(model=make_model(), config=_config(case, world))
+        finally:
+            stage1_2._STEP_CHUNK = chunk
         losses = []
         for step in range(steps):
             row = []
@@ -73,7 +85,7 @@ def _train(cases: list[tuple], steps: int) -> dict:
             torch.equal(p.detach(), params[n].to(p.dtype)) for n, p in engine.module.named_parameters()
         )
         out[case] = {"losses": losses, "params": params if rank == 0 else None, "module_matches_master": module_ok,
-                     "skipped": engine.skipped_steps}
+                     "skipped": engine.skipped_steps, "step_batches": len(engine.strategy._batches)}
         engine.destroy()
     return out
 
@@ -103,6 +115,8 @@ def _check(case: tuple, results: list[dict], world: int) -> None:
         r = res[case]
         assert r["skipped"] == 0, f"{case}: rank {rank} skipped {r['skipped']} steps"
         assert r["module_matches_master"], f"{case}: rank {rank} module weights differ from cast(master)"
+        if case[3] == "step_chunks":
+            assert r["step_batches"] > 3, f"{case}: the optimizer was stepped in {r['step_batches']} batches"
         for step in range(STEPS):
             for micro in range(ga):
                 got, want = r["losses"][step][micro], ref_losses[step][micro * world + rank]

@@ -25,7 +25,7 @@ from ds_train.checkpoint.writer import check_json, write_checkpoint
 from ds_train.config import TrainConfig, resolve_batch_sizes
 from ds_train.dataloader import DSDataLoader
 from ds_train.monitor import Monitors
-from ds_train.optim import build_optimizer, is_elementwise
+from ds_train.optim import Lamb, build_optimizer, is_elementwise
 from ds_train.precision import build_loss_scaler, dtype_from_name, model_dtype
 from ds_train.schedulers import build_scheduler
 from ds_train.zero import StepResult, strategy_class
@@ -95,11 +95,15 @@ class DeepSpeedEngine(torch.nn.Module):
         zc = config.zero_optimization
         offload = zc.offload_optimizer_device in ("cpu", "nvme")  # nvme: the CPU Adam kernel streams chunks
         make_optimizer, elementwise = self._optimizer_factory(optimizer, offload)
-        if zc.stage >= 1 and not elementwise and not config.zero_allow_untested_optimizer:
+        # Lamb's per-tensor trust ratio is made exact at stages 1/2 (norms summed over shards, optim/lamb.py)
+        lamb = isinstance(optimizer, Lamb) or (optimizer is None and config.optimizer is not None
+                                                and config.optimizer.type.lower() == "lamb")
+        if zc.stage >= 1 and not elementwise and not (lamb and zc.stage in (1, 2)) \
+                and not config.zero_allow_untested_optimizer:
             raise ConfigError(
                 f"ZeRO stage {zc.stage} shards the optimizer over flat buffers, which is exact only for "
-                "elementwise optimizers (Adam, AdamW, SGD, Adagrad, Lion); this optimizer is not (e.g. Lamb's "
-                "per-tensor trust ratio). Use stage 0, or set zero_allow_untested_optimizer=true to accept it."
+                "elementwise optimizers (Adam, AdamW, SGD, Adagrad, Lion) and, at stages 1 and 2, Lamb; this "
+                "optimizer is not. Use a lower stage, or set zero_allow_untested_optimizer=true to accept it."
             )
         grad_dtype = dtype_from_name(config.data_types.grad_accum_dtype) if config.data_types.grad_accum_dtype \
             else self.dtype

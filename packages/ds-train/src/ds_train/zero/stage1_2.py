@@ -21,6 +21,7 @@ import torch
 from ds_core import comm
 from ds_core.accelerator import get_accelerator
 
+from ds_train.optim import Lamb, is_elementwise
 from ds_train.zero.partition import Bucket, GroupLayout, build_layout
 from ds_train.zero.shard_checkpoint import group_meta, shard_from_full
 from ds_train.zero.strategy import ShardReader, StepResult, ZeroStrategy, grad_divisor
@@ -29,6 +30,10 @@ __all__ = ["ZeroStage012"]
 
 
 _MAX_INFLIGHT = 2  # stage-2 bucket reductions in flight at once (each holds one staging buffer)
+#: elements stepped per optimizer call when gradients need an fp32 copy (16 MiB of fp32 at a time) ...
+_STEP_CHUNK = 1 << 22
+#: ... unless that would take more calls than this per step (huge shards: larger chunks, bounded overhead)
+_MAX_STEP_CALLS = 64
 
 
 class _Pending:
@@ -108,6 +113,9 @@ class ZeroStage012(ZeroStrategy):
         self._broadcast_flat()
 
         self.master: list[torch.Tensor] = [self._make_master(i) for i in range(len(self.params))]
+        # the optimizer's parameters are views of the master shard: one per model parameter for
+        # non-elementwise optimizers, else chunks of one bucket's piece (see _step_ranges)
+        self._ranges: list[list[tuple[int, int, int]]] = [self._step_ranges(i) for i in range(len(self.params))]
         self._opt_params: list[list[torch.Tensor]] = []
         groups = []
         for i, g in enumerate(param_groups):
@@ -115,10 +123,12 @@ class ZeroStage012(ZeroStrategy):
             if self.per_param_master:
                 opt_params = self._layouts[i].param_views(self.master[i])
             else:
-                opt_params = [self.master[i]]
+                opt_params = [self.master[i][lo:hi] for lo, hi, _ in self._ranges[i]]
             self._opt_params.append(opt_params)
             groups.append({**hyper, "params": opt_params})
         self.optimizer = make_optimizer(groups)
+        if isinstance(self.optimizer, Lamb) and not self.per_param_master:
+            self._shard_lamb()
 
         # gradient buffers: stages 0/1 keep whole gradients, stage 2 only this rank's shard
         self.grad_full: list[torch.Tensor | None] = []
@@ -130,6 +140,8 @@ class ZeroStage012(ZeroStrategy):
             else:
                 self.grad_full.append(None)
                 self.grad_shard.append(torch.zeros(layout.shard_numel, dtype=grad_dtype, device=device))
+
+        self._batches = self._step_batches()  # after the gradient buffers: it looks at their dtype
 
         self._bucket_of: dict[int, tuple[int, int, int]] = {}  # id(param) -> (group, slot, bucket)
         for gi, layout in enumerate(self._layouts):
@@ -163,6 +175,58 @@ class ZeroStage012(ZeroStrategy):
             master = get_accelerator().pin_memory(master)
         self._gather_pieces(layout, flat, self.part, out=master)
         return master
+
+    def _step_ranges(self, gi: int) -> list[tuple[int, int, int]]:
+        """(shard_lo, shard_hi, grad_lo) of each optimizer parameter of group `gi`: its master-shard
+        range and where its gradient starts in the gradient buffer (the shard for stage 2, the whole
+        flat buffer otherwise). Chunks stay inside one bucket's piece so each reads one contiguous run."""
+        layout = self._layouts[gi]
+        if self.per_param_master:  # parts == 1: the shard is the flat buffer
+            return [(s.offset, s.end, s.offset) for s in layout.slots]
+        chunk = max(_STEP_CHUNK, -(-layout.shard_numel // _MAX_STEP_CALLS))
+        out = []
+        for b in layout.buckets:
+            n = layout.piece_size(b)
+            flat_lo = layout.piece_range(b, self.part)[0]
+            for c in range(0, n, chunk):
+                lo, hi = b.shard_offset + c, b.shard_offset + min(n, c + chunk)
+                out.append((lo, hi, lo if self.stage == 2 else flat_lo + c))
+        return out
+
+    def _step_batches(self) -> list[list[tuple[int, int]]]:
+        """Which optimizer parameters (group, index) are stepped together. Optimizers whose state is
+        per parameter step in batches of about _STEP_CHUNK elements, so the fp32 copies of low-precision
+        gradients exist for one batch at a time (not a whole shard); any other optimizer gets one batch."""
+        keys = [(gi, k) for gi, ranges in enumerate(self._ranges) for k in range(len(ranges))]
+        # a sharded Lamb needs every piece of a tensor in the same step (its norms span pieces and ranks)
+        if not (is_elementwise(self.optimizer) or (isinstance(self.optimizer, Lamb) and self.per_param_master)):
+            return [keys]
+        if all(self._usable_as_is(gi, k, self._opt_params[gi][k]) for gi, k in keys):
+            return [keys]  # fp32 gradients next to the master: nothing is copied, one call steps them all
+        batches: list[list[tuple[int, int]]] = []
+        size = _STEP_CHUNK
+        for gi, k in keys:
+            lo, hi, _ = self._ranges[gi][k]
+            if size + (hi - lo) > _STEP_CHUNK:
+                batches.append([])
+                size = 0
+            batches[-1].append((gi, k))
+            size += hi - lo
+        return batches
+
+    def _shard_lamb(self) -> None:
+        """Tell Lamb which runs of each optimizer parameter (a chunk of this rank's shard) belong to
+        which model tensor, so it can sum per-tensor norms over pieces and ranks (see optim/lamb.py)."""
+        segments: dict[int, list[tuple[int, int, int]]] = {}
+        first = 0  # index of the group's first tensor among all groups' tensors
+        for gi, layout in enumerate(self._layouts):
+            runs = layout.pieces(self.part)
+            for p, (lo, hi, _) in zip(self._opt_params[gi], self._ranges[gi]):
+                segments[id(p)] = [(first + r.param, a - lo, z - lo) for r in runs
+                                   for a, z in [(max(lo, r.shard_offset), min(hi, r.shard_offset + r.length))]
+                                   if a < z]
+            first += len(layout.slots)
+        self.optimizer.shard(segments, first, lambda t: self._all_ranks(t, comm.ReduceOp.SUM))
 
     @staticmethod
     def _gather_pieces(layout: GroupLayout, flat: torch.Tensor, part: int, out: torch.Tensor) -> torch.Tensor:
@@ -320,21 +384,11 @@ class ZeroStage012(ZeroStrategy):
             target.add_(piece)
 
     # -- step ---------------------------------------------------------------------------------------
-    def _master_grads(self) -> list[torch.Tensor]:
-        grads = []
-        for gi, layout in enumerate(self._layouts):
-            master = self.master[gi]
-            if self.stage == 2:
-                g = self.grad_shard[gi]
-            elif self.parts == 1:
-                g = self.grad_full[gi]
-            else:
-                g = self._gather_pieces(layout, self.grad_full[gi], self.part,
-                                        out=torch.empty(layout.shard_numel, dtype=self.grad_dtype, device=self.device))
-            if g.dtype != torch.float32 or g.device != master.device:
-                g = g.to(device=master.device, dtype=torch.float32, copy=True)
-            grads.append(g)
-        return grads
+    def _grad_source(self, gi: int, k: int) -> torch.Tensor:
+        """The accumulated (reduced) gradient of optimizer parameter k of group gi, in grad_dtype."""
+        lo, hi, glo = self._ranges[gi][k]
+        buf = self.grad_shard[gi] if self.stage == 2 else self.grad_full[gi]
+        return buf[glo : glo + hi - lo]
 
     def _all_ranks(self, value: torch.Tensor, op: Any) -> torch.Tensor:
         if self.parts > 1:
@@ -342,35 +396,51 @@ class ZeroStage012(ZeroStrategy):
         return value
 
     def step(self, loss_scale: float, clip_norm: float, check_overflow: bool) -> StepResult:
-        grads = self._master_grads()
+        keys = [key for batch in self._batches for key in batch]
         if check_overflow:
             bad = torch.zeros(1, dtype=torch.float32, device=self.device)
-            for g in grads:
-                if not torch.isfinite(g).all():
-                    bad.fill_(1.0)
+            if not all(bool(torch.isfinite(self._grad_source(*key)).all()) for key in keys):
+                bad.fill_(1.0)
             if self._all_ranks(bad, comm.ReduceOp.MAX).item() > 0:
                 self._clear_grads()
                 return StepResult(overflow=True, grad_norm=None)
         sumsq = torch.zeros(1, dtype=torch.float32, device=self.device)
-        for g in grads:
-            sumsq += torch.linalg.vector_norm(g).square().to(self.device)
+        for key in keys:  # piece by piece: an fp32 copy of one piece at a time
+            sumsq += torch.linalg.vector_norm(self._grad_source(*key).float()).square().to(self.device)
         norm = float(self._all_ranks(sumsq, comm.ReduceOp.SUM).sqrt().item()) / loss_scale
-        combined = grad_divisor(norm, loss_scale, clip_norm)
-        for gi, g in enumerate(grads):
-            if combined != 1.0:
-                g.mul_(1.0 / combined)
-            if self.per_param_master:
-                for view, slot in zip(self._opt_params[gi], self._layouts[gi].slots):
-                    view.grad = g[slot.offset : slot.end].view(slot.shape)
-            else:
-                self._opt_params[gi][0].grad = g
-        self.optimizer.step()
-        for ps in self._opt_params:
-            for p in ps:
-                p.grad = None
+        inv = 1.0 / grad_divisor(norm, loss_scale, clip_norm)
+        for batch in self._batches:
+            self._step_batch(batch, inv)
         self._refresh_params()
         self._clear_grads()
         return StepResult(overflow=False, grad_norm=norm)
+
+    def _step_batch(self, batch: list[tuple[int, int]], inv: float) -> None:
+        """Give the batch's optimizer parameters their fp32 gradients (views of the gradient buffer when
+        that is already fp32 on the master's device, else copies into one batch-sized buffer), step."""
+        params = [self._opt_params[gi][k] for gi, k in batch]
+        need = sum(p.numel() for p, (gi, k) in zip(params, batch) if not self._usable_as_is(gi, k, p))
+        staging = torch.empty(need, dtype=torch.float32, device=params[0].device) if need else None
+        used = 0
+        for p, (gi, k) in zip(params, batch):
+            src = self._grad_source(gi, k)
+            if self._usable_as_is(gi, k, p):
+                g = src
+            else:
+                g = staging[used : used + src.numel()].copy_(src)
+                used += src.numel()
+            if inv != 1.0:
+                g.mul_(inv)  # the buffers are zeroed after the step, so scaling in place is safe
+            p.grad = g.view(p.shape)
+        try:
+            self.optimizer.step()
+        finally:
+            for p in params:
+                p.grad = None
+
+    def _usable_as_is(self, gi: int, k: int, p: torch.Tensor) -> bool:
+        buf = self.grad_shard[gi] if self.stage == 2 else self.grad_full[gi]
+        return buf.dtype == torch.float32 and buf.device == p.device
 
     def _clear_grads(self) -> None:
         for buf in self.grad_full + self.grad_shard:
@@ -440,8 +510,8 @@ class ZeroStage012(ZeroStrategy):
         return out
 
     def model_state_tensors(self) -> dict[str, list[torch.Tensor]]:
-        opt_state = [t for ps in self._opt_params for p in ps for t in self.optimizer.state.get(p, {}).values()
-                     if isinstance(t, torch.Tensor) and t.numel() > 1]
+        opt_state = [t for ps in self._opt_params for p in ps for k, t in self.optimizer.state.get(p, {}).items()
+                     if _is_state_tensor(k, t, p)]
         return {
             "params": list(self.flat),
             "grads": [g for g in self.grad_full + self.grad_shard if g is not None],
@@ -463,19 +533,14 @@ class ZeroStage012(ZeroStrategy):
 
     def _state_tensors(self, gi: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Shard-shaped state tensors and scalar state of group `gi`'s optimizer parameters."""
-        layout = self._layouts[gi]
+        shard_numel = self._layouts[gi].shard_numel
         tensors: dict[str, torch.Tensor] = {}
         scalars: dict[str, Any] = {}
-        for pi, p in enumerate(self._opt_params[gi]):
-            state = self.optimizer.state.get(p, {})
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor) and value.numel() == p.numel() and p.numel() > 1:
-                    if self.per_param_master:
-                        slot = layout.slots[pi]
-                        buf = tensors.setdefault(key, torch.zeros(layout.shard_numel, dtype=torch.float32))
-                        buf[slot.offset : slot.end] = value.detach().reshape(-1).float().cpu()
-                    else:
-                        tensors[key] = value.detach().reshape(-1).float().cpu()
+        for p, (lo, hi, _) in zip(self._opt_params[gi], self._ranges[gi]):
+            for key, value in self.optimizer.state.get(p, {}).items():
+                if _is_state_tensor(key, value, p):
+                    buf = tensors.setdefault(key, torch.zeros(shard_numel, dtype=torch.float32))
+                    buf[lo:hi] = value.detach().reshape(-1).float().cpu()
                 else:
                     scalar = value.item() if isinstance(value, torch.Tensor) else value
                     scalars.setdefault(key, scalar)
@@ -516,21 +581,22 @@ class ZeroStage012(ZeroStrategy):
             for k, v in meta.get("hyperparams", {}).items():
                 if k in group:
                     group[k] = tuple(v) if isinstance(group[k], tuple) else v
-            for pi, p in enumerate(self._opt_params[gi]):
+            shards = {key: self._shard_from_full(gi, reader.full_tensors(gi, key), key)
+                      for key in meta.get("state_keys", [])}
+            for p, (lo, hi, _) in zip(self._opt_params[gi], self._ranges[gi]):
                 state = self.optimizer.state[p]
                 state.clear()
-                for key in meta.get("state_keys", []):
-                    shard = self._shard_from_full(gi, reader.full_tensors(gi, key), key)
-                    if self.per_param_master:
-                        slot = layout.slots[pi]
-                        value = shard[slot.offset : slot.end].view(slot.shape)
-                    else:
-                        value = shard
-                    state[key] = value.to(device=p.device, dtype=p.dtype).clone()
+                for key, shard in shards.items():
+                    state[key] = shard[lo:hi].view(p.shape).to(device=p.device, dtype=p.dtype).clone()
                 for key, scalar in meta.get("scalar_state", {}).items():
                     state[key] = _restore_scalar(self.optimizer, key, scalar, p)
         self._refresh_params()
         self._clear_grads()
+
+
+def _is_state_tensor(key: str, value: Any, p: torch.Tensor) -> bool:
+    """Per-element optimizer state (exp_avg, ...) as opposed to scalars kept as tensors (torch's `step`)."""
+    return isinstance(value, torch.Tensor) and key != "step" and value.shape == p.shape
 
 
 def _restore_scalar(optimizer: torch.optim.Optimizer, key: str, value: Any, p: torch.Tensor) -> Any:
