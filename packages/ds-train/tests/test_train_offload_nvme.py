@@ -117,3 +117,28 @@ def test_nvme_failure_is_a_clear_error_and_the_checkpoint_survives(tmp_path, how
         assert res["resumed"][0] == res["straight"][0][3:]
         for name, t in res["straight"][1].items():
             assert torch.equal(res["resumed"][1][name], t), name
+
+
+def test_nvme_param_read_ahead_returns_current_data_and_drops_stale_reads(tmp_path) -> None:
+    """Pieces read ahead (more than there are buffers) come back right; a write after a read-ahead wins."""
+    from ds_train.offload.nvme_params import NvmeParamTier
+    from ds_train.offload.swap_folder import SwapFolder
+    from ds_train.zero.stage3_params import Stage3Param
+
+    folder = SwapFolder(str(tmp_path), 0)
+    n = 4096
+    recs = [Stage3Param(torch.nn.Parameter(torch.empty(0)), f"p{i}", (n,), n, n, shard_offset=i * n)
+            for i in range(5)]
+    tier = NvmeParamTier(folder, [5 * n], torch.bfloat16, n, n, buffer_count=2)
+    values = torch.arange(5 * n, dtype=torch.float32).to(torch.bfloat16)
+    tier.write_group(0, 0, values)
+    tier.read_ahead(recs)
+    assert len(tier.ahead) == 2  # as many as there are buffers; the rest follow as buffers free up
+    for i, r in enumerate(recs):
+        assert torch.equal(tier.read(r), values[i * n : (i + 1) * n])
+    tier.read_ahead(recs[:2])
+    newer = -values[:n]
+    tier.write_group(0, 0, newer)  # the read-ahead of recs[0] now holds stale data: dropped
+    assert torch.equal(tier.read(recs[0]), newer)
+    assert torch.equal(tier.read(recs[1]), values[n : 2 * n])
+    folder.close()

@@ -15,13 +15,14 @@ def test_stage3_keys_reach_the_strategy_options() -> None:
     cfg = load_train_config(_zero(
         stage=3, stage3_prefetch_bucket_size=5e7, stage3_max_live_parameters=1e9, stage3_max_reuse_distance=1e9,
         stage3_param_persistence_threshold=1e5, stage3_gather_16bit_weights_on_model_save=True, sub_group_size=1e9,
-        offload_param={"device": "nvme", "nvme_path": "/tmp", "buffer_size": 1e8},
+        offload_param={"device": "nvme", "nvme_path": "/tmp", "buffer_size": 1e8, "buffer_count": 3},
         offload_optimizer={"device": "nvme", "nvme_path": "/tmp", "buffer_count": 4},
     ) | {"aio": {"block_size": 262144, "queue_depth": 16, "thread_count": 2}})
     opts = Stage3Options.from_config(cfg.zero_optimization, cfg.aio)
     assert (opts.prefetch_bucket_size, opts.param_persistence_threshold) == (50_000_000, 100_000)
     assert (opts.offload_param, opts.offload_optimizer, opts.param_nvme_path) == ("nvme", "nvme", "/tmp")
     assert (opts.aio_block_size, opts.aio_queue_depth, opts.aio_threads) == (262144, 16, 2)
+    assert (opts.param_buffer_size, opts.param_buffer_count) == (100_000_000, 3)
     assert opts.gather_16bit_weights_on_model_save
 
 
@@ -84,8 +85,6 @@ def test_stage3_refuses_stage2_only_switches() -> None:
 @pytest.mark.parametrize("config,match", [
     (_zero(stage=3, offload_param={"device": "nvme", "nvme_path": "/tmp", "max_in_cpu": 5}),
      r"offload_param.max_in_cpu=5 is not supported yet"),
-    (_zero(stage=3, offload_param={"device": "nvme", "nvme_path": "/tmp", "buffer_count": 3}),
-     r"offload_param.buffer_count=3 is not supported yet"),
     (_zero(stage=3) | {"aio": {"single_submit": True}}, r"aio.single_submit=True is not supported yet"),
     (_zero(stage=3) | {"aio": {"overlap_events": False}}, r"aio.overlap_events=False is not supported yet"),
 ])

@@ -33,7 +33,8 @@ class OffloadParamConfig(DSConfigModel):
 
     device: Literal["none", "cpu", "nvme"] = Field("none", description="'cpu': host memory; 'nvme': files.")
     nvme_path: str | None = Field(None, description="Folder on the NVMe drive for the swap files (nvme only).")
-    buffer_count: int = Field(5, ge=1, description="Parameter swap buffers (nvme only).")
+    buffer_count: int = Field(5, ge=1, description="Parameter swap buffers, each one shard (nvme only): "
+                                                    "reads of the next modules' shards run ahead into them.")
     buffer_size: int = Field(100_000_000, ge=1, description="Elements per swap buffer; >= the largest shard.")
     max_in_cpu: int = Field(1_000_000_000, ge=0, description="Elements kept in host memory with nvme (upper bound).")
     pin_memory: bool = Field(False, description="Page-lock the host shards (faster copies on GPUs).")
@@ -46,7 +47,6 @@ class OffloadParamConfig(DSConfigModel):
             raise ValueError("offload_param.device='nvme' needs offload_param.nvme_path")
         _reject_unimplemented(self, "offload_param", {
             "max_in_cpu": "parameter shards go straight to NVMe; there is no host cache to size",
-            "buffer_count": "parameter swaps use one staging buffer per shard read",
         })
         return self
 

@@ -51,6 +51,7 @@ class Stage3Options:
     optimizer_nvme_path: str | None = None
     pin_memory: bool = False
     param_buffer_size: int = 100_000_000
+    param_buffer_count: int = 5
     optimizer_buffer_count: int = 4
     aio_block_size: int = 1 << 20
     aio_queue_depth: int = 8
@@ -73,6 +74,7 @@ class Stage3Options:
             optimizer_nvme_path=oo.nvme_path if oo is not None else None,
             pin_memory=bool((op is not None and op.pin_memory) or (oo is not None and oo.pin_memory)),
             param_buffer_size=op.buffer_size if op is not None else 100_000_000,
+            param_buffer_count=op.buffer_count if op is not None else 5,
             optimizer_buffer_count=oo.buffer_count if oo is not None else 4,
         )
         if aio is not None:
@@ -169,7 +171,8 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
             from ds_train.offload.nvme_params import NvmeParamTier
 
             largest = max((r.shard_numel for r in self.records), default=1)
-            self.tier = NvmeParamTier(self.swap_folder, sizes, dtype, opts.param_buffer_size, largest)
+            self.tier = NvmeParamTier(self.swap_folder, sizes, dtype, opts.param_buffer_size, largest,
+                                      buffer_count=opts.param_buffer_count)
         elif shared:
             on_host = opts.offload_param == "cpu"
             self.tier = MasterTier(MemoryTier(sizes, torch.float32, torch.device("cpu") if on_host else device,

@@ -172,6 +172,8 @@ class ParamGatherer:
                         r.pending.wait()
                         self._register(r)
             return None
+        if self.can_read_ahead:  # NVMe: every read of this gather is submitted before the first is waited for
+            self.tier.read_ahead(todo)
         total = sum(r.shard_numel for r in todo)
         inp = torch.empty(total, dtype=self.dtype, device=self.device)
         offset = 0
@@ -192,6 +194,16 @@ class ParamGatherer:
         if not async_op:
             self.wait(recs)
         return pending
+
+    @property
+    def can_read_ahead(self) -> bool:
+        """Whether the tier reads shards from a drive and can start reading ahead of use (NVMe)."""
+        return hasattr(self.tier, "read_ahead")
+
+    def read_ahead(self, recs: list[Stage3Param]) -> None:
+        """Let the tier start reading the shards of `recs` (released ones, in this order of use)."""
+        if self.can_read_ahead:
+            self.tier.read_ahead([r for r in recs if r.status == RELEASED])
 
     def wait(self, recs: list[Stage3Param]) -> None:
         self.busy += 1

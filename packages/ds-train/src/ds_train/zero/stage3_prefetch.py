@@ -5,7 +5,8 @@
   the module; each parameter is released once its gradient has been accumulated.
 - Prefetch: the order modules ran in is recorded (forward and backward separately). While the next
   step follows the same order, each hook also starts async gathers for the modules after it, up to
-  `prefetch_bucket_size` elements ahead and `max_live_parameters` whole elements in all. A change of
+  `prefetch_bucket_size` elements ahead and `max_live_parameters` whole elements in all; with NVMe
+  parameters the shards after that window are handed to the tier to read ahead (`read_ahead`). A change of
   order stops prefetching for the rest of that pass and records the new order. Every decision depends
   only on the order of hooks, which every rank sees identically, so the collectives match across ranks.
 - Autograd saves parameters (or views of them) for backward. A saved-tensor pack hook replaces such a
@@ -210,6 +211,21 @@ class PrefetchCoordinator:
                 break
         if batch:
             self.gatherer.gather(batch, async_op=True)
+        if self.gatherer.can_read_ahead:  # NVMe: the drive reads what comes after the prefetch window
+            self.gatherer.read_ahead(self._upcoming(order, position))
+
+    def _upcoming(self, order: list[int], position: int, limit: int = 64) -> list[Stage3Param]:
+        """Released parameters of the modules after `position` in `order`, in order of first use."""
+        out: list[Stage3Param] = []
+        seen: set[int] = set()
+        for key in order[position:]:
+            for r in self.module_params[key]:
+                if r.status == "released" and id(r) not in seen:
+                    seen.add(id(r))
+                    out.append(r)
+            if len(out) >= limit:
+                break
+        return out
 
     def gather_on_use(self, rec: Stage3Param) -> None:
         """A partitioned parameter reached an op outside its own module: gather it for the running module."""
