@@ -59,6 +59,8 @@ def lm_report(args: argparse.Namespace) -> list[dict]:
     base.config.use_cache = False
     ids = text_token_ids(VALID, tok, max_tokens=args.tokens)
     calib = calibration_batches(TRAIN, tok, num_samples=args.calib_samples, seq_len=args.calib_seq_len, batch_size=4)
+    smooth_calib = calibration_batches(TRAIN, tok, num_samples=args.smooth_calib_samples,
+                                       seq_len=args.smooth_calib_seq_len, batch_size=4)
     rows = []
 
     def add(name: str, model: torch.nn.Module, seconds: float) -> None:
@@ -74,7 +76,7 @@ def lm_report(args: argparse.Namespace) -> list[dict]:
     variants = [
         ("INT8 W8A8 (per-row weights, token-wise acts)", lambda: quantize(base, weight_bits=8, act_bits=8)),
         (f"INT8 W8A8 + SmoothQuant (alpha {args.smooth_alpha})",
-         lambda: quantize(base, weight_bits=8, act_bits=8, smooth_alpha=args.smooth_alpha, calib_batches=calib)),
+         lambda: quantize(base, weight_bits=8, act_bits=8, smooth_alpha=args.smooth_alpha, calib_batches=smooth_calib)),
         ("INT8 W8A8, asymmetric token-wise acts",
          lambda: quantize(base, weight_bits=8, act_bits=8, act_symmetric=False)),
         ("INT8 weight-only per-row", lambda: quantize(base, weight_bits=8)),
@@ -178,14 +180,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="quality.json")
     p.add_argument("--tokens", type=int, default=4096, help="held-out tokens for perplexity")
-    p.add_argument("--calib-samples", type=int, default=8)
+    p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--calib-seq-len", type=int, default=128)
     p.add_argument("--group-size", type=int, default=64,
                    help="INT4 group size; SmolLM2's hidden size 576 is not a multiple of 128, so 64 is the default")
-    p.add_argument("--lkd-steps", type=int, default=10)
+    p.add_argument("--lkd-steps", type=int, default=20)
     p.add_argument("--lkd-lr", type=float, default=3e-4)
     p.add_argument("--lkd-range-lr", type=float, default=1e-2, help="LKD learning rate of the log-scales")
     p.add_argument("--smooth-alpha", type=float, default=0.5, help="SmoothQuant migration strength")
+    p.add_argument("--smooth-calib-samples", type=int, default=16, help="SmoothQuant calibration sequences")
+    p.add_argument("--smooth-calib-seq-len", type=int, default=256)
     p.add_argument("--kd-steps", type=int, default=80)
     p.add_argument("--kd-lr", type=float, default=3e-4)
     p.add_argument("--kd-sentences", type=int, default=1280)

@@ -1,6 +1,7 @@
 """`ds-compress`: post-training compression of a model directory from the command line.
 
     ds-compress quantize <model_dir> --weight-bits 4 --group-size 128 [--act-bits 8] [--lkd --calib FILE] --out DIR
+                         [--smooth-alpha 0.5] [--act-asymmetric] [--clip-search] [--lkd-learn-ranges]
     ds-compress xtc      <model_dir> --weight-bits 2 [--keep-layers 0,2,4] --calib FILE --out DIR
     ds-compress prune    <model_dir> --method sparse|2:4|channel|head --ratio R --out DIR
     ds-compress lowrank  <model_dir> --rank R | --rank-ratio F --out DIR

@@ -4,7 +4,8 @@ For block k: its input X is the output of the already-quantized blocks 0..k-1 on
 set; the teacher is the original block k, the student its fake-quantized copy; the student's weights
 are tuned to minimize MSE(student(X), teacher(X)), then frozen to their quantized form and X moves
 on to the next block. Only one block's inputs/outputs are held at a time, and gradients exist only
-for the block being tuned.
+for the block being tuned. Stand-ins may also expose learnable quantization ranges
+(`range_parameters()`), trained in the same loop at their own learning rate.
 """
 from __future__ import annotations
 
