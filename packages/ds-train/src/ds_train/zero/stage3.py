@@ -133,29 +133,32 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
 
         # -- partition records ------------------------------------------------------------------------
         self.params: list[list[torch.nn.Parameter]] = [list(g["params"]) for g in param_groups]
+        frozen = self._frozen_params(model, param_names)  # validated before anything changes
         self._layouts: list[GroupLayout] = []
         self.records: list[Stage3Param] = []
         initial: list[list[torch.Tensor]] = []  # per group: this rank's shard of each parameter
         for gi, params in enumerate(self.params):
             names = [param_names[id(p)] for p in params]
-            shapes = [tuple(p.ds3.shape) if hasattr(p, "ds3") else tuple(p.shape) for p in params]
-            layout = build_layout(names, shapes, self.parts, bucket_size=1)  # one bucket per parameter
-            self._layouts.append(layout)
-            shards = []
-            for si, p in enumerate(params):
-                slot, bucket = layout.slots[si], layout.buckets[si]
-                shards.append(self._initial_shard(p, slot.numel, layout.piece_size(bucket)))
-                rec = Stage3Param(p, slot.name, slot.shape, slot.numel, layout.piece_size(bucket), group=gi,
-                                  shard_offset=bucket.shard_offset,
-                                  persistent=slot.numel <= opts.param_persistence_threshold)
-                p.ds3 = rec
-                p.ds_owner = self
-                self.records.append(rec)
-            initial.append(shards)
-        self._gather_foreign_partitioned(model)
+            self._layouts.append(self._layout_of(names, params))
+            initial.append(self._adopt(params, names, self._layouts[gi], gi, self.records))
+        # frozen parameters (requires_grad=False): partitioned and gathered for use like the trainable
+        # ones, in one more tier group `frozen_group`, but with no master, optimizer state or gradient
+        # shard. They live in `frozen_records`, out of `records`, so the reducer, grad hooks, the fp32
+        # consolidation and the optimizer shard files never see them; checkpoints keep them in the
+        # module file (as DeepSpeed's model states keep frozen weights).
+        self.frozen_group = len(self.params)
+        self.frozen_records: list[Stage3Param] = []
+        self._frozen_layout: GroupLayout | None = None
+        frozen_initial: list[torch.Tensor] = []
+        if frozen:
+            names = [n for n, _ in frozen]
+            self._frozen_layout = self._layout_of(names, [p for _, p in frozen])
+            frozen_initial = self._adopt([p for _, p in frozen], names, self._frozen_layout, self.frozen_group,
+                                         self.frozen_records)
 
         # -- where the model-dtype shards live ---------------------------------------------------------
         sizes = [layout.shard_numel for layout in self._layouts]
+        frozen_size = [self._frozen_layout.shard_numel] if self._frozen_layout is not None else []
         if "nvme" in (opts.offload_param, opts.offload_optimizer):
             from ds_train.offload.swap_folder import SwapFolder
 
@@ -170,19 +173,26 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
         if opts.offload_param == "nvme":
             from ds_train.offload.nvme_params import NvmeParamTier
 
-            largest = max((r.shard_numel for r in self.records), default=1)
-            self.tier = NvmeParamTier(self.swap_folder, sizes, dtype, opts.param_buffer_size, largest,
-                                      buffer_count=opts.param_buffer_count)
+            largest = max((r.shard_numel for r in self.records + self.frozen_records), default=1)
+            self.tier = NvmeParamTier(self.swap_folder, sizes + frozen_size, dtype, opts.param_buffer_size,
+                                      largest, buffer_count=opts.param_buffer_count)
         elif shared:
             on_host = opts.offload_param == "cpu"
-            self.tier = MasterTier(MemoryTier(sizes, torch.float32, torch.device("cpu") if on_host else device,
-                                              pin=on_host and opts.pin_memory).flats)
+            where = torch.device("cpu") if on_host else device
+            masters = MemoryTier(sizes, torch.float32, where, pin=on_host and opts.pin_memory).flats
+            # frozen weights have no master: their flat shard is kept in the model dtype next to the masters
+            frozen_flat = MemoryTier(frozen_size, dtype, where, pin=on_host and opts.pin_memory).flats
+            self.tier = MasterTier(masters + frozen_flat)
         else:
             on_host = opts.offload_param == "cpu"
-            self.tier = MemoryTier(sizes, dtype, torch.device("cpu") if on_host else device,
+            self.tier = MemoryTier(sizes + frozen_size, dtype, torch.device("cpu") if on_host else device,
                                    pin=on_host and opts.pin_memory)
         for gi, shards in enumerate(initial):
             self._write_shards(gi, shards)
+        if self._frozen_layout is not None:
+            for si, shard in enumerate(frozen_initial):
+                self._write_frozen(self._frozen_layout.buckets[si].shard_offset, shard)
+            del frozen_initial
 
         # -- fp32 master shard and optimizer -----------------------------------------------------------
         self.master: list[torch.Tensor | None] = []
@@ -240,7 +250,8 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
         self._hooks += [p.register_post_accumulate_grad_hook(self._on_grad) for ps in self.params for p in ps]
         self._refresh_persistent()
         log_dist(f"ZeRO-3: {len(self.records)} parameters partitioned over {self.parts} ranks "
-                 f"({sum(1 for r in self.records if r.persistent)} persistent), offload param "
+                 f"({sum(1 for r in self.records if r.persistent)} persistent) and {len(self.frozen_records)} "
+                 f"frozen ones, offload param "
                  f"{opts.offload_param}, optimizer {opts.offload_optimizer}", ranks=[0])
 
     # -- setup helpers ---------------------------------------------------------------------------------
@@ -265,23 +276,64 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
         p.data = torch.empty(0, dtype=self.dtype, device=self.device)
         return shard
 
-    def _gather_foreign_partitioned(self, model: torch.nn.Module) -> None:
-        """Frozen parameters partitioned by zero.Init are made whole (only trainable ones stay sharded)."""
+    def _frozen_params(self, model: torch.nn.Module,
+                       param_names: dict[int, str]) -> list[tuple[str, torch.nn.Parameter]]:
+        """The model's parameters in no optimizer group that are frozen (requires_grad=False)."""
         mine = {id(p) for ps in self.params for p in ps}
-        for p in model.parameters():
-            rec = getattr(p, "ds3", None)
-            if rec is not None and id(p) not in mine:
-                from ds_train.zero.init import gather_init_param
+        frozen = []
+        for name, p in model.named_parameters():
+            if id(p) in mine:
+                continue
+            if p.requires_grad:
+                if hasattr(p, "ds3"):  # partitioned by zero.Init: nothing would ever gather or train it
+                    raise ValueError(f"parameter '{name}' was partitioned by zero.Init and requires grad but is "
+                                     "in no optimizer param group: pass it to the optimizer or freeze it "
+                                     "(requires_grad_(False))")
+                continue  # trainable but not optimized: left whole, as at stages 0-2
+            if not p.is_floating_point():  # integer "parameters" cannot take the model dtype: kept whole
+                if hasattr(p, "ds3"):
+                    from ds_train.zero.init import gather_init_param
 
-                gather_init_param(p, self.group)
+                    gather_init_param(p, self.group)
+                continue
+            frozen.append((param_names.get(id(p), name), p))
+        return frozen
+
+    def _layout_of(self, names: list[str], params: list[torch.nn.Parameter]) -> GroupLayout:
+        shapes = [tuple(p.ds3.shape) if hasattr(p, "ds3") else tuple(p.shape) for p in params]
+        return build_layout(names, shapes, self.parts, bucket_size=1)  # one bucket per parameter
+
+    def _adopt(self, params: list[torch.nn.Parameter], names: list[str], layout: GroupLayout, gi: int,
+               records: list[Stage3Param]) -> list[torch.Tensor]:
+        """Give each of `params` its record in group `gi` (appended to `records`); returns their shards."""
+        shards = []
+        for si, p in enumerate(params):
+            slot, bucket = layout.slots[si], layout.buckets[si]
+            shards.append(self._initial_shard(p, slot.numel, layout.piece_size(bucket)))
+            rec = Stage3Param(p, slot.name, slot.shape, slot.numel, layout.piece_size(bucket), group=gi,
+                              shard_offset=bucket.shard_offset,
+                              persistent=slot.numel <= self.options.param_persistence_threshold)
+            p.ds3 = rec
+            p.ds_owner = self
+            records.append(rec)
+        return shards
+
+    def _write_frozen(self, offset: int, values: torch.Tensor) -> None:
+        """Store frozen weights: into the in-memory flat shard (a MasterTier's write stores nothing), or the tier."""
+        flat = self.tier.flat(self.frozen_group)
+        if flat is not None:
+            flat[offset : offset + values.numel()].copy_(values.reshape(-1))
+        else:
+            self.tier.write_group(self.frozen_group, offset, values)
 
     def _write_shards(self, gi: int, shards: list[torch.Tensor]) -> None:
         layout = self._layouts[gi]
         for si, shard in enumerate(shards):
             self.tier.write_group(gi, layout.buckets[si].shard_offset, shard)
 
-    def _refresh_persistent(self) -> None:
-        persistent = [r for r in self.records if r.persistent]
+    def _refresh_persistent(self, frozen: bool = True) -> None:
+        """Regather the persistent parameters (after their shards changed; frozen ones only change on load)."""
+        persistent = [r for r in self.records + (self.frozen_records if frozen else []) if r.persistent]
         for r in persistent:
             self.gatherer.release(r, force=True)
         if persistent:
@@ -309,7 +361,8 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
             raise RuntimeError(
                 f"parameters without gradients in this backward: {[r.name for r in missing][:8]}; set "
                 "zero_optimization.ignore_unused_parameters=true to treat them as zero")
-        for r in self.records:
+        # frozen parameters get no gradient (no hook): the ones gathered for this backward go here
+        for r in self.records + self.frozen_records:
             if r.users <= 0:
                 self.gatherer.release(r)
 
@@ -342,7 +395,7 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
             if combined != 1.0:
                 g.mul_(1.0 / combined)  # in place: the shard is cleared after the step anyway
             self._update_group(gi, g)
-        self._refresh_persistent()
+        self._refresh_persistent(frozen=False)
         self.reducer.clear()
         return StepResult(overflow=False, grad_norm=norm)
 
@@ -396,7 +449,8 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
         """Every partitioned parameter whole on every rank; changes made inside are kept (all ranks alike)."""
         from ds_train.zero.init import GatheredParameters
 
-        with GatheredParameters([r.param for r in self.records], modifier_rank=None, write_back=True):
+        with GatheredParameters([r.param for r in self.records + self.frozen_records], modifier_rank=None,
+                                write_back=True):
             yield
 
     def write_whole_param(self, rec: Stage3Param) -> None:
@@ -406,6 +460,9 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
         lo = self.rank * rec.shard_numel
         values = flat[lo : min(lo + rec.shard_numel, rec.numel)]
         piece[: values.numel()].copy_(values)
+        if rec.group == self.frozen_group:  # no master, no optimizer state: the shard is all there is
+            self._write_frozen(rec.shard_offset, piece)
+            return
         master = self.master[rec.group]
         if self.nvme_optimizer is not None:
             self.nvme_optimizer.write_range(rec.group, "fp32", rec.shard_offset, piece.float())

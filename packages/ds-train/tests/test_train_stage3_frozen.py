@@ -1,0 +1,165 @@
+"""ZeRO-3 with frozen parameters (requires_grad=False) handed over whole: partitioned, trained like torch.
+
+The frozen weights (TinyLM's `up` layer) must stay 1/N per rank between uses, never change, have no
+optimizer state, and the trainable ones must follow a single-process torch reference that optimizes
+only the trainable parameters (fp32 tolerances of test_train_stage3.py: losses 1e-5, weights 2e-5).
+Checkpoints keep frozen weights in the module file (as DeepSpeed's model states do): saved on 2 ranks
+and loaded into a differently initialised model on 1 or 2 ranks, they come back bit for bit.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from ds_core.testing import run_distributed
+from ds_train.testing import lm_loss, make_batch, make_model
+from ds_train.zero.stage3_testing import stage3_config, swap_dir
+
+STEPS = 6
+LOSS_TOL, PARAM_TOL = 1e-5, 2e-5
+FROZEN = ("up.weight", "up.bias")
+
+
+def _frozen_model(seed: int = 0) -> torch.nn.Module:
+    model = make_model(seed)
+    for p in model.up.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _reference(steps: int, world: int) -> tuple[list[list[float]], dict[str, torch.Tensor]]:
+    """Torch AdamW over the trainable parameters only, on the mean gradient of `world` ranks, clipped at 0.5."""
+    model = _frozen_model()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(list(trainable.values()), lr=1e-2, weight_decay=0.01, betas=(0.9, 0.95))
+    losses = []
+    for step in range(steps):
+        grads = {n: torch.zeros_like(p) for n, p in trainable.items()}
+        row = []
+        for rank in range(world):
+            ids = make_batch(step, 0, rank)
+            model.zero_grad(set_to_none=True)
+            loss = lm_loss(model(ids), ids)
+            loss.backward()
+            row.append(float(loss.detach()))
+            for n, p in trainable.items():
+                grads[n] += p.grad / world
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values())).item()
+        coef = min(0.5 / (norm + 1e-6), 1.0)
+        for n, p in trainable.items():
+            p.grad = grads[n] * coef
+        opt.step()
+        losses.append(row)
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _whole_frozen(engine) -> dict[str, torch.Tensor]:
+    with engine.strategy.gathered_params():
+        return {n: p.detach().clone() for n, p in engine.module.named_parameters() if n in FROZEN}
+
+
+def _train_worker(offload: str, base: str, threshold: int) -> dict:
+    import ds_train
+    from ds_core import comm
+
+    rank = comm.get_rank()
+    model = _frozen_model()
+    cfg = stage3_config("fp32", 2, offload=offload, swap=swap_dir(base, "swap"),
+                        stage3_param_persistence_threshold=threshold)
+    engine, *_ = ds_train.initialize(model=model, config=cfg)
+    frozen = [model.up.weight, model.up.bias]
+    # persistent (small) ones are whole between uses on every rank, as trainable persistent ones are
+    between = [hasattr(p, "ds3") and p.numel() == (p.ds3.numel if threshold else 0) for p in frozen]
+    out = {"partitioned": all(between)}
+    losses = []
+    for step in range(STEPS):
+        ids = make_batch(step, 0, rank)
+        loss = lm_loss(engine(ids), ids)
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+    out["losses"] = losses
+    out["still_partitioned"] = all(hasattr(p, "ds3") and p.numel() == (p.ds3.numel if threshold else 0)
+                                   and p.grad is None for p in frozen)
+    out["fp32"] = engine.get_fp32_state_dict()
+    out["frozen"] = _whole_frozen(engine)
+    tensors, _ = engine.strategy.shard_state()
+    out["shard_numel"] = sum(t.numel() for k, t in tensors.items() if k.endswith(".fp32"))
+    engine.destroy()
+    return out
+
+
+@pytest.mark.parametrize("offload,threshold", [("none", 0), ("cpu", 0), ("nvme", 0), ("none", 10**6)])
+def test_stage3_frozen_parameters_handed_over_whole_are_partitioned_and_match_torch(offload, threshold,
+                                                                                    tmp_path) -> None:
+    results = run_distributed(_train_worker, 2, offload, str(tmp_path), threshold)
+    ref_losses, ref_params = _reference(STEPS, 2)
+    start = dict(_frozen_model().named_parameters())
+    trainable_numel = sum(p.numel() for n, p in start.items() if n not in FROZEN)
+    for rank, res in enumerate(results):
+        assert res["partitioned"] and res["still_partitioned"]
+        for step in range(STEPS):
+            assert abs(res["losses"][step] - ref_losses[step][rank]) <= LOSS_TOL, (rank, step)
+        assert set(res["fp32"]) == set(ref_params) - set(FROZEN)  # frozen weights have no master
+        for name, got in res["fp32"].items():
+            assert (got - ref_params[name]).abs().max().item() <= PARAM_TOL, (rank, name)
+        for name in FROZEN:  # never updated, not even by weight decay
+            assert torch.equal(res["frozen"][name], start[name].detach()), (rank, name)
+        # the optimizer shard holds only trainable weights: about half of them per rank (padding aside)
+        assert trainable_numel / 2 <= res["shard_numel"] < trainable_numel / 2 + 16
+
+
+def _save_worker(base: str) -> dict[str, torch.Tensor]:
+    import ds_train
+    from ds_core import comm
+
+    rank = comm.get_rank()
+    engine, *_ = ds_train.initialize(model=_frozen_model(), config=stage3_config("fp32", 2))
+    with engine.strategy.gathered_params():  # a frozen weight changed by the user is saved as changed
+        with torch.no_grad():
+            engine.module.up.weight.add_(0.5)
+    for step in range(3):
+        ids = make_batch(step, 0, rank)
+        engine.backward(lm_loss(engine(ids), ids))
+        engine.step()
+    engine.save_checkpoint(os.path.join(base, "ckpt"), tag="t")
+    out = _whole_frozen(engine)
+    engine.destroy()
+    return out
+
+
+def _load_worker(base: str, world: int) -> dict:
+    import ds_train
+    from ds_core import comm
+
+    rank = comm.get_rank()
+    engine, *_ = ds_train.initialize(model=_frozen_model(seed=7), config=stage3_config("fp32", world))
+    before = _whole_frozen(engine)
+    engine.load_checkpoint(os.path.join(base, "ckpt"), tag="t")
+    out = {"before": before, "after": _whole_frozen(engine),
+           "partitioned": hasattr(engine.module.up.weight, "ds3") and engine.module.up.weight.numel() == 0}
+    ids = make_batch(3, 0, rank)
+    out["loss"] = float(lm_loss(engine(ids), ids).detach())
+    engine.destroy()
+    return out
+
+
+def test_stage3_frozen_parameters_round_trip_checkpoints_across_world_sizes(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    saved = run_distributed(_save_worker, 2, str(tmp_path))[0]
+    module_file = load_file(str(tmp_path / "ckpt" / "t" / "model_states.safetensors"))
+    for name in FROZEN:
+        assert torch.equal(module_file[name], saved[name])  # in the model-states file, whole
+    assert not torch.equal(saved["up.weight"], _frozen_model().up.weight.detach())  # the user's change is kept
+    rank0_loss = {}
+    for world in (2, 1):
+        results = run_distributed(_load_worker, world, str(tmp_path), world)
+        rank0_loss[world] = results[0]["loss"]
+        for res in results:
+            assert not torch.equal(res["before"]["up.weight"], saved["up.weight"])  # another init before loading
+            for name in FROZEN:
+                assert torch.equal(res["after"][name], saved[name]), (world, name)
+            assert res["partitioned"]
+    assert abs(rank0_loss[1] - rank0_loss[2]) <= LOSS_TOL  # the same model, resharded from 2 ranks to 1
