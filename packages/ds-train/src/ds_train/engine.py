@@ -419,6 +419,7 @@ class DeepSpeedEngine(torch.nn.Module):
             "global_steps": self.global_steps,
             "global_samples": self.global_samples,
             "micro_steps": self.micro_steps,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps(),
             "skipped_steps": self.skipped_steps,
             "dp_world_size": self.dp_world_size,
             "dtype": str(self.dtype).replace("torch.", ""),
@@ -503,7 +504,8 @@ class DeepSpeedEngine(torch.nn.Module):
     def _load_engine_state(self, state: dict[str, Any], load_lr_scheduler_states: bool) -> None:
         self.global_steps = int(state.get("global_steps", 0))
         self.global_samples = int(state.get("global_samples", 0))
-        self.micro_steps = int(state.get("micro_steps", 0))
+        self.micro_steps = self._resumed_micro_steps(int(state.get("micro_steps", 0)),
+                                                     state.get("gradient_accumulation_steps"))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         if state.get("loss_scaler"):
             self.loss_scaler.load_state_dict(state["loss_scaler"])
@@ -511,13 +513,37 @@ class DeepSpeedEngine(torch.nn.Module):
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if isinstance(self.training_dataloader, DSDataLoader) and state.get("dataloader"):
             saved = state["dataloader"]
-            if state.get("dp_world_size") != self.dp_world_size:
-                logger.warning("data loader position not restored: the checkpoint was saved on "
-                               f"{state.get('dp_world_size')} ranks, this run has {self.dp_world_size}")
+            if "consumed_samples" not in saved and state.get("dp_world_size") != self.dp_world_size:
+                logger.warning("data loader position not restored: the checkpoint (from before the global sample "
+                               f"count was recorded) was saved on {state.get('dp_world_size')} ranks, this run has "
+                               f"{self.dp_world_size}")
             else:
+                # continues at the saved global sample count, also on another world size (see dataloader.py)
                 self.training_dataloader.load_state_dict(saved)
+                consumed = self.training_dataloader.sampler.consumed_samples
+                if consumed % self.train_batch_size():
+                    logger.warning(
+                        f"data loader resumed at global sample {consumed} of its epoch, not a multiple of this run's "
+                        f"train_batch_size={self.train_batch_size()}: the samples continue in the saved order, but "
+                        "the optimizer steps group them differently from a run started with this batch size"
+                    )
         if self.data_efficiency is not None and state.get("data_efficiency") is not None:
             self.data_efficiency.load_state_dict(state["data_efficiency"])
+
+    def _resumed_micro_steps(self, micro_steps: int, saved_ga: int | None) -> int:
+        """The micro step counter in this run's accumulation (it decides the boundaries), not the saver's.
+
+        A checkpoint saved on another world size usually comes with another gradient_accumulation_steps
+        for the same global batch; keeping the saver's count would misplace every boundary after it.
+        """
+        ga = self.gradient_accumulation_steps()
+        if saved_ga is None or int(saved_ga) == ga:
+            return micro_steps
+        boundaries, within = divmod(micro_steps, int(saved_ga))
+        if within:
+            logger.warning(f"checkpoint saved after micro step {within} of {saved_ga} of an accumulation: this run "
+                           f"(gradient_accumulation_steps={ga}) starts its next accumulation from the beginning")
+        return boundaries * ga
 
     def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin",
                          exclude_frozen_parameters: bool = False) -> bool:
