@@ -163,3 +163,50 @@ def test_stage3_frozen_parameters_round_trip_checkpoints_across_world_sizes(tmp_
                 assert torch.equal(res["after"][name], saved[name]), (world, name)
             assert res["partitioned"]
     assert abs(rank0_loss[1] - rank0_loss[2]) <= LOSS_TOL  # the same model, resharded from 2 ranks to 1
+
+
+class _FrozenStack(torch.nn.Module):
+    """A trainable embedding and head around a stack of frozen layers (a LoRA-like base model)."""
+
+    def __init__(self, hidden: int = 24, depth: int = 4) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(64, hidden)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(depth))
+        self.head = torch.nn.Linear(hidden, 64)
+        for p in self.layers.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        self.first_input = h
+        for layer in self.layers:
+            h = h + torch.tanh(layer(h))
+        return self.head(h)
+
+
+def _backward_live_worker() -> dict:
+    import ds_train
+    from ds_core import comm
+
+    torch.manual_seed(0)
+    model = _FrozenStack()
+    engine, *_ = ds_train.initialize(model=model, config=stage3_config("fp32", 2))
+    seen = []
+    for step in range(2):  # the second step runs with the recorded-order prefetch
+        ids = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(step * 10 + comm.get_rank()))
+        logits = engine(ids)
+        # the gradient of the stack's input is the last thing the stack's backward computes
+        model.first_input.register_hook(lambda g: seen.append(
+            [p.numel() > 0 for layer in model.layers[1:] for p in layer.parameters()]))
+        engine.backward(logits.float().logsumexp(-1).mean())
+        engine.step()
+    out = {"whole_at_end": seen, "after": [p.numel() > 0 for p in model.layers.parameters()]}
+    engine.destroy()
+    return out
+
+
+def test_stage3_frozen_weights_are_released_after_their_modules_backward() -> None:
+    for res in run_distributed(_backward_live_worker, 2):
+        # layers 1..3 finished their backward before layer 0's input gradient exists: already released
+        assert res["whole_at_end"] == [[False] * 6, [False] * 6]
+        assert not any(res["after"])

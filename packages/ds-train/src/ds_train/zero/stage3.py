@@ -248,6 +248,7 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
                                    predivide=predivide_factor, prescale=prescale_gradients)
         self._hooks = list(self.coordinator._hooks)
         self._hooks += [p.register_post_accumulate_grad_hook(self._on_grad) for ps in self.params for p in ps]
+        self._hooks += self._release_frozen_after_module_backward()
         self._refresh_persistent()
         log_dist(f"ZeRO-3: {len(self.records)} parameters partitioned over {self.parts} ranks "
                  f"({sum(1 for r in self.records if r.persistent)} persistent) and {len(self.frozen_records)} "
@@ -317,6 +318,40 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
             p.ds_owner = self
             records.append(rec)
         return shards
+
+    def _release_frozen_after_module_backward(self) -> list[Any]:
+        """Hooks that release a module's frozen weights once its backward has run.
+
+        Trainable weights are released when their gradient arrives; frozen ones get none, so the signal is
+        the gradient of the module's inputs (computed by the ops that read the weights). Without it every
+        frozen weight the backward gathered would stay whole until the backward ends (`after_backward`,
+        still the fallback: inputs that need no gradient, leaf modules, weights gathered on use).
+        """
+        from ds_train.zero.stage3_prefetch import _LEAF_FLAG
+
+        frozen = {id(r) for r in self.frozen_records if not r.persistent}
+        hooks = []
+        for idx, module in enumerate(self.coordinator.modules):
+            # a leaf's children run depending on the data: releasing (then regathering) there could leave
+            # one rank in a collective another skips
+            recs = [r for r in self.coordinator.module_params[idx] if id(r) in frozen]
+            if recs and not getattr(module, _LEAF_FLAG, False):
+                hooks.append(module.register_forward_hook(self._make_frozen_release(recs)))
+        return hooks
+
+    def _make_frozen_release(self, recs: list[Stage3Param]) -> Callable[..., None]:
+        def release(_grad: torch.Tensor) -> None:
+            for r in recs:
+                if r.users <= 0:
+                    self.gatherer.release(r)
+
+        def post(module: torch.nn.Module, args: Any, output: Any) -> None:
+            if not torch.is_grad_enabled():
+                return
+            inputs = [a for a in _tensors(args) if a.requires_grad]
+            if inputs:
+                torch.autograd.graph.register_multi_grad_hook(inputs, release, mode="any")
+        return post
 
     def _write_frozen(self, offset: int, values: torch.Tensor) -> None:
         """Store frozen weights: into the in-memory flat shard (a MasterTier's write stores nothing), or the tier."""
@@ -499,3 +534,15 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
         self._hooks = []
         if self.swap_folder is not None:
             self.swap_folder.close()
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """The tensors in a module's positional arguments (nested in lists, tuples and dicts)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
