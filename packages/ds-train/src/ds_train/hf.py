@@ -22,6 +22,7 @@ import os
 from typing import Any
 
 import torch
+from ds_core import comm
 from ds_core.config import is_auto, load_config_source
 
 try:
@@ -63,6 +64,15 @@ def _check_args(args: transformers.TrainingArguments) -> None:
         bad.append(f"optim={optim!r} (AdamW only; put another optimizer in ds_config)")
     if bad:
         raise ValueError("ds_train.hf.Trainer does not support these TrainingArguments: " + ", ".join(bad))
+
+
+def _global_mean(total: float, count: int) -> float:
+    """Mean of the micro-batch losses of all data-parallel ranks (transformers logs the gathered mean too)."""
+    if comm.is_initialized() and comm.get_world_size() > 1:
+        both = torch.tensor([total, float(count)], dtype=torch.float64)
+        comm.all_reduce(both)
+        total, count = float(both[0]), int(both[1])
+    return total / max(count, 1)
 
 
 def _fill(section: dict, key: str, value: Any) -> None:
@@ -151,6 +161,9 @@ class Trainer(transformers.Trainer):
         if resume_from_checkpoint:
             engine.load_checkpoint(resume_from_checkpoint)
         self.state.max_steps = total
+        # only rank 0 prints progress and logs (the callbacks read these, transformers' train() sets them)
+        self.state.is_local_process_zero = self.is_local_process_zero()
+        self.state.is_world_process_zero = self.is_world_process_zero()
         self.state.global_step = engine.global_steps
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         running, count, logged_total, logged_count = 0.0, 0, 0.0, 0
@@ -168,7 +181,7 @@ class Trainer(transformers.Trainer):
                 if args.logging_steps and engine.global_steps % args.logging_steps == 0:
                     logged_total += running
                     logged_count += count
-                    self.log({"loss": running / count, "learning_rate": engine.get_lr()[0],
+                    self.log({"loss": _global_mean(running, count), "learning_rate": engine.get_lr()[0],
                               "grad_norm": engine.get_global_grad_norm() or 0.0})
                     running, count = 0.0, 0
                 if args.save_steps and args.save_strategy != "no" and engine.global_steps % int(args.save_steps) == 0:
@@ -178,7 +191,7 @@ class Trainer(transformers.Trainer):
         logged_total += running
         logged_count += count
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
-        train_loss = logged_total / max(logged_count, 1)
+        train_loss = _global_mean(logged_total, logged_count)
         return TrainOutput(engine.global_steps, train_loss, {"train_loss": train_loss})
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
