@@ -13,6 +13,11 @@ bf16: where the master lives in the memory the model-dtype shards would (no offl
 to host) the gathers read the master and cast it (`MasterTier`), so DeepSpeed's separate 2Ψ/N bf16
 shard (its 16Ψ/N) exists only when the two are in different tiers (e.g. offload_param=nvme).
 fp32 training: 4Ψ/N grads + 4Ψ/N master (= the shard) + 8Ψ/N Adam = 16Ψ/N.
+
+Frozen parameters (requires_grad=False, in no optimizer group; built under zero.Init or handed over
+whole) are partitioned too, in one extra tier group: 2Ψ_frozen/N per rank (bf16), no master, optimizer
+state or gradient shard. They are gathered per module like the others and released after the module's
+backward; checkpoints keep them in the module file (model_states), as DeepSpeed does.
 """
 from __future__ import annotations
 
