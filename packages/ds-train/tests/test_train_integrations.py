@@ -52,3 +52,43 @@ def test_missing_optional_package_is_a_clear_error(monkeypatch) -> None:
     cfg["compression_training"] = {}
     with pytest.raises(ConfigError, match="pip install ds-compression"):
         ds_train.initialize(model=make_model(), config=cfg)
+
+
+def _ltd_config(total_num_steps: int | None) -> dict:
+    cfg = engine_config(2, "fp32", 1, 1)
+    cfg["train_micro_batch_size_per_gpu"] = 4
+    cfg["data_efficiency"] = {"enabled": True, "seed": 5, "data_routing": {"enabled": True, "random_ltd": {
+        "enabled": True, "total_layer_num": 4, "random_ltd_layer_num": 2, "random_ltd_layer_id": [1, 2],
+        "random_ltd_schedule": {"min_value": 4, "max_value": 16, "schedule_type": "fixed_linear",
+                                "schedule_config": {"require_steps": 6, "seq_per_step": 4}},
+        # no total_layer_tokens: it must come from the run's length
+        "layer_token_lr_schedule": {"enabled": True, "warmup_layer_tokens": 0}}}}
+    if total_num_steps is not None:
+        cfg["scheduler"] = {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 1,
+                                                                 "total_num_steps": total_num_steps}}
+    return cfg
+
+
+def _gpt2():
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=97, n_positions=64, bos_token_id=0,
+                                  eos_token_id=0, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def test_layer_token_lr_is_sized_by_the_training_length() -> None:
+    pytest.importorskip("ds_data.integration")
+    engine, *_ = ds_train.initialize(model=_gpt2(), config=_ltd_config(10))
+    impl = engine.data_efficiency.impl
+    assert impl.token_lr.total == impl.random_ltd.get_total_layer_tokens(10)
+    raw = _ltd_config(10)  # an explicit length wins over the schedule's
+    explicit = ds_train.DeepSpeedEngine(_gpt2(), ds_train.load_train_config(raw), raw, train_iters=20)
+    assert explicit.data_efficiency.impl.token_lr.total == impl.random_ltd.get_total_layer_tokens(20)
+    assert explicit.data_efficiency.impl.token_lr.total > impl.token_lr.total
+
+
+def test_layer_token_lr_without_a_training_length_says_where_to_give_it() -> None:
+    pytest.importorskip("ds_data.integration")
+    with pytest.raises(ConfigError, match="total_num_steps"):
+        ds_train.initialize(model=_gpt2(), config=_ltd_config(None))

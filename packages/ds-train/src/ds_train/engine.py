@@ -57,7 +57,10 @@ class DeepSpeedEngine(torch.nn.Module):
         training_data: Any = None,
         lr_scheduler: Any = None,
         collate_fn: Callable | None = None,
+        train_iters: int | None = None,
     ) -> None:
+        """`train_iters`: the run's length in optimizer steps, for schedules that need it (ds-data's
+        layer-token LR); without it the length is the scheduler's ``total_num_steps`` when configured."""
         super().__init__()
         self._config = config
         self.acc = get_accelerator()
@@ -77,7 +80,8 @@ class DeepSpeedEngine(torch.nn.Module):
         if config.curriculum_learning is not None or config.data_efficiency is not None:
             from ds_train.integrations import DataEfficiencyHook
 
-            self.data_efficiency = DataEfficiencyHook(raw_config, model, config.train_batch_size, self.global_rank)
+            self.data_efficiency = DataEfficiencyHook(raw_config, model, config.train_batch_size, self.global_rank,
+                                                      train_iters=self._training_length(config, train_iters))
         self.compression = None
         if config.compression_training is not None:
             from ds_train.integrations import CompressionHook
@@ -225,6 +229,17 @@ class DeepSpeedEngine(torch.nn.Module):
         if cfg is not None:
             return build_scheduler(cfg.type, cfg.params, self.optimizer)
         return None
+
+    @staticmethod
+    def _training_length(config: TrainConfig, train_iters: int | None) -> int | None:
+        """Optimizer steps of the whole run: given, or the LR schedule's ``total_num_steps`` (WarmupDecayLR,
+        WarmupCosineLR); None when neither says (ds-data then asks for total_layer_tokens)."""
+        if train_iters is not None:
+            if int(train_iters) < 1:
+                raise ValueError(f"train_iters={train_iters}: the training length must be at least 1 step")
+            return int(train_iters)
+        total = config.scheduler.params.get("total_num_steps") if config.scheduler is not None else None
+        return int(total) if total is not None and not isinstance(total, str) else None
 
     def deepspeed_io(self, dataset: Any, batch_size: int | None = None, collate_fn: Callable | None = None,
                      num_local_io_workers: int = 0, route: Any = None,

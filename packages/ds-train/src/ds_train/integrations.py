@@ -26,14 +26,22 @@ def _import(module: str, pip_name: str, section: str) -> Any:
 class DataEfficiencyHook:
     """Drives ds_data.integration.DataEfficiency from the engine (curriculum, random-LTD, token LR)."""
 
-    def __init__(self, raw_config: dict[str, Any], model: torch.nn.Module, global_batch_size: int, rank: int) -> None:
+    def __init__(self, raw_config: dict[str, Any], model: torch.nn.Module, global_batch_size: int, rank: int,
+                 train_iters: int | None = None) -> None:
         section = "data_efficiency" if raw_config.get("data_efficiency") is not None else "curriculum_learning"
         integration = _import("ds_data.integration", "ds-data", section)
         if not hasattr(integration, "DataEfficiency"):
             raise ConfigError(f"config section '{section}': the installed ds-data has no DataEfficiency; upgrade ds-data")
-        self.impl = integration.DataEfficiency.from_ds_config(
-            raw_config, global_batch_size=global_batch_size, data_parallel_rank=rank
-        )
+        try:
+            # train_iters sizes the layer-token LR schedule (total layer-tokens of the whole run)
+            self.impl = integration.DataEfficiency.from_ds_config(
+                raw_config, global_batch_size=global_batch_size, train_iters=train_iters, data_parallel_rank=rank
+            )
+        except ConfigError as exc:
+            if train_iters is None and "train_iters" in str(exc):
+                raise ConfigError(f"{exc} (ds_train takes the training length from scheduler.params.total_num_steps "
+                                  "of WarmupDecayLR/WarmupCosineLR, or the engine's train_iters)") from None
+            raise
         self.impl.wrap_model(model)
         self.peak_lrs: list[float] | None = None
         self._pending_sampler_state: Any = None  # checkpointed sampler position, until the loader exists
