@@ -5,7 +5,8 @@ piece of the parameter padded to a multiple of N (the layout of `zero/partition.
 per parameter, so checkpoints and fp32 consolidation share the stage-1/2 code paths). Between uses
 ``param.data`` is an empty tensor; `ParamGatherer.gather` all-gathers a list of parameters in one
 coalesced collective (async when asked) into a private full buffer per parameter, and `release`
-drops that buffer. Where a shard lives (device memory, host memory, an NVMe file) is a `ShardTier`.
+drops that buffer. The buffers come from a `BufferPool` (exact sizes, reused every step) so the
+allocator does not fragment; the gather writes in place (the input is this rank's slice of the output). Where a shard lives (device memory, host memory, an NVMe file) is a `ShardTier`.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Any, Protocol
 
 import torch
 from ds_core import comm
+
+from ds_train.zero.stage3_buffer_pool import BufferPool
 
 __all__ = ["Stage3Param", "ShardTier", "MemoryTier", "MasterTier", "ParamGatherer", "PendingGather",
            "is_partitioned"]
@@ -111,9 +114,9 @@ class MasterTier:
 class PendingGather:
     """An all-gather in flight for a list of parameters; `wait()` installs their whole tensors."""
 
-    def __init__(self, recs: list[Stage3Param], out: torch.Tensor, work: Any, parts: int) -> None:
-        self.recs, self.out, self.work, self.parts = recs, out, work, parts
-        self.keep: torch.Tensor | None = None
+    def __init__(self, recs: list[Stage3Param], out: torch.Tensor, work: Any, parts: int, pool: BufferPool) -> None:
+        self.recs, self.out, self.work, self.parts, self.pool = recs, out, work, parts, pool
+        self.buf = out  # the pooled tensor `out` is a slice of
         self.done = False
 
     def wait(self) -> None:
@@ -122,19 +125,23 @@ class PendingGather:
         self.done = True
         if self.work is not None:
             self.work.wait()
+            self.work = None  # the work object holds the output: let go before it is given back to the pool
         total = self.out.numel() // self.parts
         rows = self.out.view(self.parts, total)
         offset = 0
         for rec in self.recs:
             n = rec.shard_numel
             if len(self.recs) == 1:
-                full = self.out  # one parameter: the gather output already is its padded whole tensor
+                full = self.buf  # one parameter: the (exact-size) gather output is its padded whole tensor
             else:
-                full = torch.empty(self.parts * n, dtype=self.out.dtype, device=self.out.device)
+                full = self.pool.take(self.parts * n, self.out.dtype, self.out.device)
                 full.view(self.parts, n).copy_(rows[:, offset : offset + n])
             offset += n
             _install(rec, full)
-        self.out = self.keep = None
+        buf, self.buf, self.out = self.buf, None, None
+        if len(self.recs) != 1:
+            del rows
+            self.pool.give(buf)
 
 
 def _install(rec: Stage3Param, full: torch.Tensor) -> None:
@@ -154,6 +161,7 @@ class ParamGatherer:
         self.live_numel = 0  # elements of non-persistent parameters currently whole (or in flight)
         self.by_storage: dict[int, Stage3Param] = {}  # data_ptr of a whole buffer -> record
         self.busy = 0  # > 0 while this class runs tensor ops of its own (the gather-on-use mode skips them)
+        self.pool = BufferPool()
 
     def gather(self, recs: list[Stage3Param], async_op: bool = False) -> PendingGather | None:
         """Start (or finish, when not async) gathering `recs`; already whole/in-flight ones are skipped."""
@@ -167,26 +175,30 @@ class ParamGatherer:
         todo = [r for r in recs if r.status == RELEASED]
         if not todo:
             if not async_op:
-                for r in recs:
-                    if r.status == INFLIGHT:
-                        r.pending.wait()
-                        self._register(r)
+                # also registers ones a sibling's wait already installed (same prefetch batch): unregistered,
+                # the saved-tensor hook would not recognise them and autograd would keep them whole
+                self._wait(recs)
             return None
         if self.can_read_ahead:  # NVMe: every read of this gather is submitted before the first is waited for
             self.tier.read_ahead(todo)
         total = sum(r.shard_numel for r in todo)
-        inp = torch.empty(total, dtype=self.dtype, device=self.device)
+        # one parameter: the output is its whole tensor (exact size, few distinct ones in a model); several:
+        # a size class, as prefetch batches vary in size
+        buf = self.pool.take(total * self.parts, self.dtype, self.device, round_up=len(todo) > 1)
+        out = buf[: total * self.parts]
+        # in place: this rank's input is its own slice of the output (no separate input buffer)
+        inp = out[self.rank * total : (self.rank + 1) * total]
         offset = 0
         for r in todo:
             inp[offset : offset + r.shard_numel].copy_(self.tier.read(r))
             offset += r.shard_numel
         if self.parts == 1:
-            pending = PendingGather(todo, inp, None, 1)
+            pending = PendingGather(todo, out, None, 1, self.pool)
         else:
-            out = torch.empty(total * self.parts, dtype=self.dtype, device=self.device)
             work = comm.all_gather_into_tensor(out, inp, group=self.group, async_op=async_op)
-            pending = PendingGather(todo, out, work if async_op else None, self.parts)
-            pending.keep = inp  # the collective may still read it: alive until wait()
+            pending = PendingGather(todo, out, work if async_op else None, self.parts, self.pool)
+        pending.buf = buf
+        del inp, out, buf
         for r in todo:
             r.status, r.pending = INFLIGHT, pending
             if not r.persistent:
@@ -244,9 +256,11 @@ class ParamGatherer:
             self.by_storage.pop(rec.full.untyped_storage().data_ptr(), None)
         if not rec.persistent:
             self.live_numel -= rec.shard_numel * self.parts
-        rec.full = None
+        full, rec.full = rec.full, None
         rec.param.data = torch.empty(0, dtype=self.dtype, device=self.device)
         rec.status = RELEASED
+        if full is not None:  # after param.data let go of its view; pooled only if nothing else holds one
+            self.pool.give(full)
 
     def lookup(self, tensor: torch.Tensor) -> Stage3Param | None:
         """The partitioned parameter whose whole buffer `tensor` shares storage with, if any."""
