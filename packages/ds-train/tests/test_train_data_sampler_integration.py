@@ -12,6 +12,7 @@ import ds_train
 import numpy as np
 import pytest
 import torch
+from ds_core.testing import run_distributed
 from ds_train.testing import VOCAB, engine_config, lm_loss, make_model
 
 pytest.importorskip("ds_data.integration")
@@ -110,6 +111,31 @@ def test_loader_yields_only_in_window_samples_and_resumes(index_dir: Path, tmp_p
     assert len(got) == len(expected)
     for a, b in zip(expected, got):
         assert torch.equal(a, b)
+
+
+def _resume_on_ranks(index_dir: str, ckpt: str, steps: int) -> list[list[list[int]]]:
+    """Per optimizer step, this rank's sample rows (as lists) after loading `ckpt`."""
+    engine, _, loader, _ = ds_train.initialize(model=make_model(seed=1), config=_config(Path(index_dir), grad_accum=1),
+                                               training_data=LevelDataset())
+    engine.load_checkpoint(ckpt)
+    it = iter(loader)
+    return [[row.tolist() for b in _train_step(engine, it, 1) for row in b] for _ in range(steps)]
+
+
+def test_curriculum_position_survives_a_world_size_change(index_dir: Path, tmp_path: Path) -> None:
+    # global batch 6 both times: 1 process x 3 x accumulation 2, then 2 ranks x 3 x accumulation 1
+    engine, _, loader, _ = ds_train.initialize(model=make_model(), config=_config(index_dir, grad_accum=2),
+                                               training_data=LevelDataset())
+    it = iter(loader)
+    for _ in range(3):
+        _train_step(engine, it, 2)
+    engine.save_checkpoint(str(tmp_path / "ckpt"))
+    expected = [sorted(row.tolist() for b in _train_step(engine, it, 2) for row in b) for _ in range(3)]
+    ranks = run_distributed(_resume_on_ranks, 2, str(index_dir), str(tmp_path / "ckpt"), 3)
+    for step in range(3):
+        # ds-data's sampler draws each global batch, then splits it over the ranks: the union is the same
+        assert sorted(ranks[0][step] + ranks[1][step]) == expected[step], f"step {step}"
+        assert ranks[0][step] != ranks[1][step]
 
 
 def test_sampler_state_loaded_before_the_loader_is_applied_when_it_is_built(index_dir: Path,
