@@ -88,6 +88,16 @@ def test_layer_token_lr_is_sized_by_the_training_length() -> None:
     assert explicit.data_efficiency.impl.token_lr.total > impl.token_lr.total
 
 
+def test_initialize_takes_the_training_length_from_args_train_iters() -> None:
+    """Megatron-DeepSpeed scripts carry the run's length in ``args.train_iters``."""
+    pytest.importorskip("ds_data.integration")
+    import argparse
+
+    engine, *_ = ds_train.initialize(args=argparse.Namespace(train_iters=7), model=_gpt2(), config=_ltd_config(None))
+    impl = engine.data_efficiency.impl
+    assert impl.token_lr.total == impl.random_ltd.get_total_layer_tokens(7)
+
+
 def test_layer_token_lr_without_a_training_length_says_where_to_give_it() -> None:
     pytest.importorskip("ds_data.integration")
     with pytest.raises(ConfigError, match="total_num_steps"):

@@ -84,5 +84,6 @@ def initialize(
     if dist_init_required and not comm.is_initialized():
         init_distributed()
     engine = DeepSpeedEngine(model, parsed, raw, optimizer=optimizer, model_parameters=model_parameters,
-                             training_data=training_data, lr_scheduler=lr_scheduler, collate_fn=collate_fn)
+                             training_data=training_data, lr_scheduler=lr_scheduler, collate_fn=collate_fn,
+                             train_iters=getattr(args, "train_iters", None))
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler

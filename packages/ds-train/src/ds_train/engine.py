@@ -212,10 +212,11 @@ class DeepSpeedEngine(torch.nn.Module):
         return (lambda groups: build_optimizer(cfg.type, cfg.params, groups, offload=offload)), elementwise
 
     def _broadcast_non_flat(self, model: torch.nn.Module) -> None:
-        """Frozen parameters and buffers start equal on every rank, as the trainable ones do."""
+        """Frozen parameters and buffers start equal on every rank, as the trainable ones do (ZeRO-3's
+        partitioned frozen parameters are already consistent: their pieces were cut from one source)."""
         if self.dp_world_size == 1:
             return
-        for t in list(model.buffers()) + [p for p in model.parameters() if not p.requires_grad]:
+        for t in list(model.buffers()) + [p for p in model.parameters() if not p.requires_grad and not hasattr(p, "ds3")]:
             comm.broadcast(t.data, 0)
 
     def _build_scheduler(self, lr_scheduler: Any) -> Any:
