@@ -24,6 +24,8 @@ __all__ = ["NvmeParamTier"]
 class NvmeParamTier:
     """A `ShardTier` whose flat shards live in `params_g{i}.bin` files of `folder`."""
 
+    on_disk = True
+
     def __init__(self, folder: SwapFolder, sizes: list[int], dtype: torch.dtype, buffer_numel: int,
                  largest_shard: int, buffer_count: int = 1) -> None:
         from ds_kernels.aio import aligned_empty

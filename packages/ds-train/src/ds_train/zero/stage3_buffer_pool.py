@@ -32,7 +32,8 @@ def storage_refs(t: torch.Tensor) -> int:
 class BufferPool:
     """Free lists of 1-D tensors keyed by (numel, dtype, device)."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled  # off: every buffer goes back to the allocator (NVMe tiers: least resident memory)
         self._free: dict[tuple[int, torch.dtype, torch.device], list[torch.Tensor]] = {}
         self.free_bytes = 0
         self.out_bytes = 0  # checked out and not yet given back (or dropped)
@@ -46,7 +47,7 @@ class BufferPool:
         """A 1-D tensor of `numel` elements with undefined contents (with `round_up`, of `size_class(numel)`
         elements: the caller slices it; sizes that vary from call to call then share a few free lists)."""
         device = torch.device(device)
-        if round_up:
+        if round_up and self.enabled:  # size classes only pay off when blocks come back
             numel = size_class(numel)
         free = self._free.get((numel, dtype, device))
         if free:
@@ -71,7 +72,7 @@ class BufferPool:
         if storage_refs(t) > 1:
             self.refused += 1  # a view is still alive: reusing the storage would change what it reads
             return False
-        if self.free_bytes + n > 2 * self.peak_out_bytes:
+        if not self.enabled or self.free_bytes + n > 2 * self.peak_out_bytes:
             return False  # twice what the gathers ever held at once: let the allocator have it
         self._free.setdefault((t.numel(), t.dtype, t.device), []).append(t)
         self.free_bytes += n

@@ -54,6 +54,8 @@ def is_partitioned(param: torch.Tensor) -> bool:
 class ShardTier(Protocol):
     """Where the model-dtype shards live (offload_param: none / cpu / nvme)."""
 
+    on_disk: bool  # shards live in files (offload_param: nvme), not in memory
+
     def read(self, rec: Stage3Param) -> torch.Tensor:
         """This rank's shard of `rec` in model dtype on the compute device (may be a temporary)."""
 
@@ -66,6 +68,8 @@ class ShardTier(Protocol):
 
 class MemoryTier:
     """Shards in one flat tensor per param group, on the device or (offload_param=cpu) in host memory."""
+
+    on_disk = False
 
     def __init__(self, sizes: list[int], dtype: torch.dtype, device: torch.device, pin: bool = False) -> None:
         self.device = device
@@ -96,6 +100,8 @@ class MasterTier:
     step, and the cast is exactly the rounding that copy did. The master is the only copy, so
     `write_group` stores nothing: whoever changes weights writes the master.
     """
+
+    on_disk = False
 
     def __init__(self, masters: list[torch.Tensor]) -> None:
         self.flats = masters
@@ -161,7 +167,8 @@ class ParamGatherer:
         self.live_numel = 0  # elements of non-persistent parameters currently whole (or in flight)
         self.by_storage: dict[int, Stage3Param] = {}  # data_ptr of a whole buffer -> record
         self.busy = 0  # > 0 while this class runs tensor ops of its own (the gather-on-use mode skips them)
-        self.pool = BufferPool()
+        # a tier on disk exists to keep the resident set small: free gather buffers are not kept there
+        self.pool = BufferPool(enabled=not getattr(tier, "on_disk", False))
 
     def gather(self, recs: list[Stage3Param], async_op: bool = False) -> PendingGather | None:
         """Start (or finish, when not async) gathering `recs`; already whole/in-flight ones are skipped."""
