@@ -34,11 +34,7 @@ def _piece(owner: Any, rec: Any, kind: str, key: str | None) -> torch.Tensor:
         return owner.nvme_optimizer.read_range(gi, name, lo, n)
     if kind == "fp32":
         return owner.master[gi][lo : lo + n].float()
-    state = owner.optimizer.state.get(owner._opt_params[gi][0], {})
-    if key not in state:
-        raise KeyError(f"optimizer state has no '{key}' (yet: it appears after the first step); "
-                       f"keys: {sorted(state)}")
-    return state[key].reshape(-1)[lo : lo + n].float()
+    return owner.optimizer_state_range(gi, key, lo, n)  # the state is kept in chunks of the shard
 
 
 def _store(owner: Any, rec: Any, kind: str, key: str | None, piece: torch.Tensor) -> None:
@@ -52,10 +48,7 @@ def _store(owner: Any, rec: Any, kind: str, key: str | None, piece: torch.Tensor
     elif kind == "fp32":
         owner.master[gi][lo : lo + n].copy_(piece)
     else:
-        state = owner.optimizer.state.get(owner._opt_params[gi][0], {})
-        if key not in state:
-            raise KeyError(f"optimizer state has no '{key}'; keys: {sorted(state)}")
-        state[key].reshape(-1)[lo : lo + n].copy_(piece)
+        owner.set_optimizer_state_range(gi, key, lo, piece)
     if kind == "fp32":  # the model-dtype shard follows the master weights
         owner.tier.write_group(gi, lo, piece.to(owner.dtype))
         owner.gatherer.release(rec, force=True)

@@ -22,6 +22,8 @@ from ds_core import comm
 from ds_core.accelerator import get_accelerator
 
 from ds_train.optim import Lamb, is_elementwise
+from ds_train.zero.chunked_step import STEP_CHUNK, batch_by_size, chunk_size, step_batch, usable_as_is
+from ds_train.zero.chunked_step import is_state_tensor as _is_state_tensor
 from ds_train.zero.partition import Bucket, GroupLayout, build_layout
 from ds_train.zero.shard_checkpoint import group_meta, shard_from_full
 from ds_train.zero.strategy import ShardReader, StepResult, ZeroStrategy, grad_divisor
@@ -30,10 +32,7 @@ __all__ = ["ZeroStage012"]
 
 
 _MAX_INFLIGHT = 2  # stage-2 bucket reductions in flight at once (each holds one staging buffer)
-#: elements stepped per optimizer call when gradients need an fp32 copy (16 MiB of fp32 at a time) ...
-_STEP_CHUNK = 1 << 22
-#: ... unless that would take more calls than this per step (huge shards: larger chunks, bounded overhead)
-_MAX_STEP_CALLS = 64
+_STEP_CHUNK = STEP_CHUNK  # elements per optimizer call (see zero/chunked_step.py); tests shrink it here
 
 
 class _Pending:
@@ -183,7 +182,7 @@ class ZeroStage012(ZeroStrategy):
         layout = self._layouts[gi]
         if self.per_param_master:  # parts == 1: the shard is the flat buffer
             return [(s.offset, s.end, s.offset) for s in layout.slots]
-        chunk = max(_STEP_CHUNK, -(-layout.shard_numel // _MAX_STEP_CALLS))
+        chunk = chunk_size(layout.shard_numel, _STEP_CHUNK)
         out = []
         for b in layout.buckets:
             n = layout.piece_size(b)
@@ -203,16 +202,8 @@ class ZeroStage012(ZeroStrategy):
             return [keys]
         if all(self._usable_as_is(gi, k, self._opt_params[gi][k]) for gi, k in keys):
             return [keys]  # fp32 gradients next to the master: nothing is copied, one call steps them all
-        batches: list[list[tuple[int, int]]] = []
-        size = _STEP_CHUNK
-        for gi, k in keys:
-            lo, hi, _ = self._ranges[gi][k]
-            if size + (hi - lo) > _STEP_CHUNK:
-                batches.append([])
-                size = 0
-            batches[-1].append((gi, k))
-            size += hi - lo
-        return batches
+        sizes = [self._ranges[gi][k][1] - self._ranges[gi][k][0] for gi, k in keys]
+        return [[keys[i] for i in batch] for batch in batch_by_size(sizes, _STEP_CHUNK)]
 
     def _shard_lamb(self) -> None:
         """Tell Lamb which runs of each optimizer parameter (a chunk of this rank's shard) belong to
@@ -418,29 +409,12 @@ class ZeroStage012(ZeroStrategy):
     def _step_batch(self, batch: list[tuple[int, int]], inv: float) -> None:
         """Give the batch's optimizer parameters their fp32 gradients (views of the gradient buffer when
         that is already fp32 on the master's device, else copies into one batch-sized buffer), step."""
-        params = [self._opt_params[gi][k] for gi, k in batch]
-        need = sum(p.numel() for p, (gi, k) in zip(params, batch) if not self._usable_as_is(gi, k, p))
-        staging = torch.empty(need, dtype=torch.float32, device=params[0].device) if need else None
-        used = 0
-        for p, (gi, k) in zip(params, batch):
-            src = self._grad_source(gi, k)
-            if self._usable_as_is(gi, k, p):
-                g = src
-            else:
-                g = staging[used : used + src.numel()].copy_(src)
-                used += src.numel()
-            if inv != 1.0:
-                g.mul_(inv)  # the buffers are zeroed after the step, so scaling in place is safe
-            p.grad = g.view(p.shape)
-        try:
-            self.optimizer.step()
-        finally:
-            for p in params:
-                p.grad = None
+        # the gradient buffers are zeroed after the step, so scaling fp32 ones in place is safe
+        step_batch(self.optimizer, [self._opt_params[gi][k] for gi, k in batch],
+                   [self._grad_source(gi, k) for gi, k in batch], inv)
 
     def _usable_as_is(self, gi: int, k: int, p: torch.Tensor) -> bool:
-        buf = self.grad_shard[gi] if self.stage == 2 else self.grad_full[gi]
-        return buf.dtype == torch.float32 and buf.device == p.device
+        return usable_as_is(self.grad_shard[gi] if self.stage == 2 else self.grad_full[gi], p)
 
     def _clear_grads(self) -> None:
         for buf in self.grad_full + self.grad_shard:
@@ -592,11 +566,6 @@ class ZeroStage012(ZeroStrategy):
                     state[key] = _restore_scalar(self.optimizer, key, scalar, p)
         self._refresh_params()
         self._clear_grads()
-
-
-def _is_state_tensor(key: str, value: Any, p: torch.Tensor) -> bool:
-    """Per-element optimizer state (exp_avg, ...) as opposed to scalars kept as tensors (torch's `step`)."""
-    return isinstance(value, torch.Tensor) and key != "step" and value.shape == p.shape
 
 
 def _restore_scalar(optimizer: torch.optim.Optimizer, key: str, value: Any, p: torch.Tensor) -> Any:

@@ -30,6 +30,8 @@ import torch
 from ds_core import comm
 from ds_core.logging import log_dist
 
+from ds_train.optim import is_elementwise
+from ds_train.zero.chunked_step import STEP_CHUNK, batch_by_size, chunk_size, step_batch
 from ds_train.zero.partition import GroupLayout, build_layout
 from ds_train.zero.stage3_grads import GradReducer, GradShards
 from ds_train.zero.stage3_params import MasterTier, MemoryTier, ParamGatherer, Stage3Param
@@ -38,6 +40,8 @@ from ds_train.zero.stage3_state import Stage3StateMixin
 from ds_train.zero.strategy import StepResult, ZeroStrategy, grad_divisor
 
 __all__ = ["ZeroStage3", "Stage3Options"]
+
+_STEP_CHUNK = STEP_CHUNK  # elements per optimizer call (see zero/chunked_step.py); tests shrink it here
 
 
 @dataclass
@@ -227,15 +231,19 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
                 master = get_accelerator().pin_memory(master)
             self.master.append(master)
         del initial
+        # (shard_lo, shard_hi) of each optimizer parameter: chunks (views) of the master shard, stepped a
+        # batch at a time so the fp32 gradient copies and the update's temporaries are never shard-sized
+        self._ranges: list[list[tuple[int, int]]] = [_chunk_ranges(n) for n in sizes]
         if self.nvme_optimizer is not None:
-            opt_params = [torch.zeros(0) for _ in sizes]  # hyperparameters only: the state is on disk
+            # hyperparameters only: the state is on disk, streamed in chunks by the swapper
+            self._opt_params = [[torch.zeros(0)] for _ in sizes]
             self.master = [None for _ in sizes]
         else:
-            opt_params = self.master
-        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [opt_params[gi]]}
+            self._opt_params = [[m[lo:hi] for lo, hi in r] for m, r in zip(self.master, self._ranges)]
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": self._opt_params[gi]}
                   for gi, g in enumerate(param_groups)]
         self.optimizer = make_optimizer(groups)
-        self._opt_params = [[t] for t in opt_params]
+        self._batches = self._step_batches(grad_dtype)
         if self.nvme_optimizer is not None:
             from ds_train.offload.nvme_optimizer import adam_hyper
 
@@ -411,48 +419,61 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
             comm.all_reduce(value, op=op, group=self.group)
         return value
 
+    def _step_batches(self, grad_dtype: torch.dtype) -> list[list[tuple[int, int]]]:
+        """Which optimizer parameters (group, chunk) are stepped together: batches of about _STEP_CHUNK
+        elements when the gradients need an fp32 copy; one batch when they are used as they are (fp32,
+        on the master's device: `grad_shards` live where the master does) or the optimizer is not
+        elementwise (it sees every chunk in the same step)."""
+        keys = [(gi, k) for gi, ranges in enumerate(self._ranges) for k in range(len(ranges))]
+        if self.nvme_optimizer is not None:
+            return []  # the swapper streams its own chunks
+        if grad_dtype == torch.float32 or not is_elementwise(self.optimizer):
+            return [keys]
+        sizes = [hi - lo for gi, k in keys for lo, hi in [self._ranges[gi][k]]]
+        return [[keys[i] for i in batch] for batch in batch_by_size(sizes, _STEP_CHUNK)]
+
     def step(self, loss_scale: float, clip_norm: float, check_overflow: bool) -> StepResult:
-        streamed = self.nvme_optimizer is not None  # NVMe: chunks are cast to fp32 one at a time
-        grads = [g if streamed or g.dtype == torch.float32 else g.float() for g in self.grad_shards]
+        shards = list(self.grad_shards)  # reduced, in the gradient dtype: read in pieces, never cast whole
+        pieces = [g[c : c + STEP_CHUNK] for g in shards for c in range(0, g.numel(), STEP_CHUNK)]
         if check_overflow:
             bad = torch.zeros(1, dtype=torch.float32, device=self.device)
-            for g in grads:
-                if not torch.isfinite(g).all():
-                    bad.fill_(1.0)
+            if not all(bool(torch.isfinite(piece).all()) for piece in pieces):
+                bad.fill_(1.0)
             if self._all_ranks(bad, comm.ReduceOp.MAX).item() > 0:
                 self.reducer.clear()
                 return StepResult(overflow=True, grad_norm=None)
         sumsq = torch.zeros(1, dtype=torch.float32, device=self.device)
-        for g in grads:
-            for c in range(0, g.numel(), 1 << 22):  # in chunks: no whole fp32 copy of a low-precision shard
-                sumsq += torch.linalg.vector_norm(g[c : c + (1 << 22)], dtype=torch.float32).square().to(self.device)
+        for piece in pieces:
+            sumsq += torch.linalg.vector_norm(piece, dtype=torch.float32).square().to(self.device)
         norm = float(self._all_ranks(sumsq, comm.ReduceOp.SUM).sqrt().item()) / loss_scale
-        combined = grad_divisor(norm, loss_scale, clip_norm)
-        for gi, g in enumerate(grads):
-            if streamed:
-                self._update_group(gi, g, 1.0 / combined)
-                continue
-            if combined != 1.0:
-                g.mul_(1.0 / combined)  # in place: the shard is cleared after the step anyway
-            self._update_group(gi, g)
+        inv = 1.0 / grad_divisor(norm, loss_scale, clip_norm)
+        if self.nvme_optimizer is not None:  # NVMe: the swapper casts and steps one chunk at a time
+            for gi, g in enumerate(shards):
+                self._update_nvme_group(gi, g, inv)
+        for batch in self._batches:
+            self._step_batch(batch, inv)
         self._refresh_persistent(frozen=False)
         self.reducer.clear()
         return StepResult(overflow=False, grad_norm=norm)
 
-    def _update_group(self, gi: int, grad: torch.Tensor, scale: float = 1.0) -> None:
-        if self.nvme_optimizer is not None:
-            from ds_train.offload.nvme_optimizer import adam_hyper
+    def _step_batch(self, batch: list[tuple[int, int]], inv: float) -> None:
+        """Step one batch of master chunks (the other chunks have no grad: torch and ds-kernels skip
+        them); model-dtype shards kept apart from the master (another tier) follow chunk by chunk."""
+        grads = [self.grad_shards[gi][lo:hi] for gi, k in batch for lo, hi in [self._ranges[gi][k]]]
+        # fp32 gradients are scaled in place: the shards are cleared after the step
+        step_batch(self.optimizer, [self._opt_params[gi][k] for gi, k in batch], grads, inv)
+        for gi, k in batch:
+            master = self.master[gi]
+            if self.tier.flat(gi) is not master:
+                lo, hi = self._ranges[gi][k]
+                self.tier.write_group(gi, lo, master[lo:hi])
 
-            hyper, adamw = adam_hyper(self.optimizer, gi)
-            self.nvme_optimizer.step(gi, grad.to("cpu"), scale, hyper, adamw,
-                                     lambda offset, chunk: self.tier.write_group(gi, offset, chunk))
-            return
-        master = self.master[gi]
-        master.grad = grad.to(master.device)
-        self.optimizer.step()  # the other groups' masters have no grad: torch and ds-kernels skip them
-        master.grad = None
-        if self.tier.flat(gi) is not master:
-            self.tier.write_group(gi, 0, master)
+    def _update_nvme_group(self, gi: int, grad: torch.Tensor, scale: float) -> None:
+        from ds_train.offload.nvme_optimizer import adam_hyper
+
+        hyper, adamw = adam_hyper(self.optimizer, gi)
+        self.nvme_optimizer.step(gi, grad.to("cpu"), scale, hyper, adamw,
+                                 lambda offset, chunk: self.tier.write_group(gi, offset, chunk))
 
     def zero_grad(self) -> None:
         self.reducer.clear()
@@ -539,6 +560,12 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
         self._hooks = []
         if self.swap_folder is not None:
             self.swap_folder.close()
+
+
+def _chunk_ranges(numel: int) -> list[tuple[int, int]]:
+    """Contiguous (lo, hi) ranges covering a shard of `numel` elements (one empty range for an empty shard)."""
+    size = chunk_size(numel, _STEP_CHUNK)
+    return [(lo, min(numel, lo + size)) for lo in range(0, numel, size)] or [(0, 0)]
 
 
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:

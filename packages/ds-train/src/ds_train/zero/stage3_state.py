@@ -3,7 +3,9 @@
 A stage-3 layout is `build_layout(..., bucket_size=1)`: one bucket per parameter, so rank r's shard is
 its padded piece of every parameter in order. Saved tensors are "g{i}.fp32" (master weights) and one
 per optimizer state key; loading regathers whole tensors through the `ShardReader` and cuts this
-rank's pieces, so a checkpoint moves between world sizes and between stages 0-3.
+rank's pieces, so a checkpoint moves between world sizes and between stages 0-3. The optimizer's
+parameters are chunks of the master shard (`stage3.py`): their state is assembled into one shard-sized
+tensor per key on save and cut into the chunks on load, so the files keep one flat tensor per group.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ds_train.zero.chunked_step import is_state_tensor
 from ds_train.zero.partition import GroupLayout
 from ds_train.zero.shard_checkpoint import group_meta, shard_from_full
 from ds_train.zero.strategy import ShardReader
@@ -19,7 +22,8 @@ __all__ = ["Stage3StateMixin"]
 
 
 class Stage3StateMixin:
-    """Checkpoint methods of `ZeroStage3` (uses its _layouts, master, optimizer, nvme_optimizer, tier)."""
+    """Checkpoint methods of `ZeroStage3` (uses its _layouts, _ranges, _opt_params, master, optimizer,
+    nvme_optimizer, tier)."""
 
     _layouts: list[GroupLayout]
 
@@ -33,14 +37,42 @@ class Stage3StateMixin:
         if self.nvme_optimizer is not None:
             tensors = {k: self.nvme_optimizer.read_full(gi, k) for k in ("exp_avg", "exp_avg_sq")}
             return tensors, {"step": self.nvme_optimizer.steps[gi]}
-        master = self._opt_params[gi][0]
-        tensors, scalars = {}, {}
-        for key, value in self.optimizer.state.get(master, {}).items():
-            if isinstance(value, torch.Tensor) and value.numel() == master.numel() and master.numel() > 1:
-                tensors[key] = value.detach().reshape(-1).float().cpu().clone()
-            else:
-                scalars[key] = value.item() if isinstance(value, torch.Tensor) else value
+        shard_numel = self._layouts[gi].shard_numel
+        tensors: dict[str, torch.Tensor] = {}
+        scalars: dict[str, Any] = {}
+        for p, (lo, hi) in zip(self._opt_params[gi], self._ranges[gi]):
+            for key, value in self.optimizer.state.get(p, {}).items():
+                if is_state_tensor(key, value, p):
+                    buf = tensors.setdefault(key, torch.zeros(shard_numel, dtype=torch.float32))
+                    buf[lo:hi] = value.detach().reshape(-1).float().cpu()
+                else:  # the same in every chunk (they are stepped together)
+                    scalars.setdefault(key, value.item() if isinstance(value, torch.Tensor) else value)
         return tensors, scalars
+
+    def _state_views(self, gi: int, key: str, lo: int, hi: int) -> list[tuple[torch.Tensor, int]]:
+        """Views of optimizer state `key` covering [lo, hi) of group `gi`'s shard, one per chunk it
+        overlaps, each with its offset from `lo`."""
+        out = []
+        for p, (a, b) in zip(self._opt_params[gi], self._ranges[gi]):
+            s, e = max(a, lo), min(b, hi)
+            if s >= e:
+                continue
+            state = self.optimizer.state.get(p, {})
+            if key not in state:
+                raise KeyError(f"optimizer state has no '{key}' (yet: it appears after the first step); "
+                               f"keys: {sorted(state)}")
+            out.append((state[key].reshape(-1)[s - a : e - a], s - lo))
+        return out
+
+    def optimizer_state_range(self, gi: int, key: str, lo: int, n: int) -> torch.Tensor:
+        """Elements [lo, lo + n) of optimizer state `key` of group `gi`'s shard, in fp32 (device state)."""
+        views = self._state_views(gi, key, lo, lo + n)
+        return torch.cat([v.float() for v, _ in views]) if views else torch.zeros(0)
+
+    def set_optimizer_state_range(self, gi: int, key: str, lo: int, values: torch.Tensor) -> None:
+        """Overwrite elements [lo, lo + len(values)) of optimizer state `key` of group `gi` (device state)."""
+        for view, at in self._state_views(gi, key, lo, lo + values.numel()):
+            view.copy_(values[at : at + view.numel()])
 
     def shard_state(self) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
         tensors: dict[str, torch.Tensor] = {}
@@ -86,13 +118,13 @@ class Stage3StateMixin:
                     self.nvme_optimizer.write_full(gi, key, states[key])
                 self.nvme_optimizer.steps[gi] = int(scalars.get("step", 0))
                 continue
-            p = self._opt_params[gi][0]
-            state = self.optimizer.state[p]
-            state.clear()
-            for key, value in states.items():
-                state[key] = value.to(device=p.device, dtype=p.dtype).clone()
-            for key, value in scalars.items():
-                state[key] = _restore_scalar(self.optimizer, key, value)
+            for p, (lo, hi) in zip(self._opt_params[gi], self._ranges[gi]):
+                state = self.optimizer.state[p]
+                state.clear()
+                for key, value in states.items():
+                    state[key] = value[lo:hi].view(p.shape).to(device=p.device, dtype=p.dtype).clone()
+                for key, value in scalars.items():
+                    state[key] = _restore_scalar(self.optimizer, key, value)
         self._refresh_persistent()
         self.reducer.clear()
 
