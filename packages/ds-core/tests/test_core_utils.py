@@ -2,7 +2,6 @@ import time
 
 import pytest
 import torch
-
 from ds_core.utils import SynchronizedWallClockTimer, ThroughputMeter, memory_report, tensor_bytes
 
 
