@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .model_utils import CompressionInputError
 
-__all__ = ["calibration_batches", "text_token_ids"]
+__all__ = ["calibration_batches", "observe_linear_inputs", "text_token_ids"]
 
 
 def text_token_ids(path: str | os.PathLike, tokenizer: Any, max_tokens: int | None = None) -> torch.Tensor:
@@ -38,3 +40,25 @@ def calibration_batches(
         raise CompressionInputError(f"calibration file {path} has fewer than {seq_len} tokens")
     seqs = ids[: min(have, num_samples) * seq_len].reshape(-1, seq_len)
     return list(seqs.split(batch_size))
+
+
+@torch.no_grad()
+def observe_linear_inputs(
+    model: nn.Module, linears: dict[str, nn.Module], batches: list[torch.Tensor],
+    observe: Callable[[str, torch.Tensor], None],
+) -> None:
+    """Run the calibration batches through `model`, calling `observe(name, x)` with each chosen linear's
+    input as a float (tokens, in_features) matrix; the hooks are removed afterwards, even on error."""
+
+    def hook(name: str):
+        def fn(_mod: nn.Module, args: tuple) -> None:
+            observe(name, args[0].detach().float().reshape(-1, args[0].shape[-1]))
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    try:
+        for batch in batches:
+            model(input_ids=batch)
+    finally:
+        for h in handles:
+            h.remove()

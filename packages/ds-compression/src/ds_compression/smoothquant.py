@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .calibration import observe_linear_inputs
 from .model_utils import CompressionInputError, find_block_list
 
 __all__ = ["smooth_activations", "SmoothGroup", "find_smooth_groups"]
@@ -79,23 +80,14 @@ def find_smooth_groups(model: nn.Module) -> list[SmoothGroup]:
     return groups
 
 
-@torch.no_grad()
 def _input_absmax(model: nn.Module, linears: dict[str, nn.Linear], batches: list[torch.Tensor]) -> dict:
     amax: dict[str, torch.Tensor] = {}
 
-    def hook(name: str):
-        def fn(_mod: nn.Module, args: tuple) -> None:
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1]).abs().amax(0)
-            amax[name] = torch.maximum(amax[name], x) if name in amax else x
-        return fn
+    def observe(name: str, x: torch.Tensor) -> None:
+        x = x.abs().amax(0)
+        amax[name] = torch.maximum(amax[name], x) if name in amax else x
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
-    try:
-        for batch in batches:
-            model(input_ids=batch)
-    finally:
-        for h in handles:
-            h.remove()
+    observe_linear_inputs(model, linears, batches, observe)
     return amax
 
 

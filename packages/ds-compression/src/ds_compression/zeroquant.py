@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .calibration import observe_linear_inputs
 from .history import record_method
 from .lkd import layerwise_distill
 from .model_utils import CompressionInputError, iter_linears, model_bytes, select_linears, set_module
@@ -165,26 +166,17 @@ def quantize(
     return student
 
 
-@torch.no_grad()
 def _column_mean_square(model: nn.Module, names: set[str], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """E[x_i^2] of each selected linear's input channels over the calibration batches."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
-    def hook(name: str):
-        def fn(_mod: nn.Module, args: tuple) -> None:
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            sums[name] = sums.get(name, 0) + (x * x).sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return fn
+    def observe(name: str, x: torch.Tensor) -> None:
+        sums[name] = sums.get(name, 0) + (x * x).sum(0)
+        counts[name] = counts.get(name, 0) + x.shape[0]
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in iter_linears(model) if n in names]
-    try:
-        for batch in batches:
-            model(input_ids=batch)
-    finally:
-        for h in handles:
-            h.remove()
+    linears = {n: m for n, m in iter_linears(model) if n in names}
+    observe_linear_inputs(model, linears, batches, observe)
     return {n: sums[n] / counts[n] for n in sums}
 
 
