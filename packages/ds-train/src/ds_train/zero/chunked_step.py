@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 __all__ = ["STEP_CHUNK", "MAX_STEP_CALLS", "chunk_size", "batch_by_size", "usable_as_is", "step_batch",
-           "is_state_tensor"]
+           "is_state_tensor", "nonfinite_flag", "sum_of_squares"]
 
 #: elements stepped per optimizer call when gradients need an fp32 copy (16 MiB of fp32 at a time) ...
 STEP_CHUNK = 1 << 22
@@ -74,3 +74,21 @@ def step_batch(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
 def is_state_tensor(key: str, value: object, p: torch.Tensor) -> bool:
     """Per-element optimizer state (exp_avg, ...) as opposed to scalars kept as tensors (torch's `step`)."""
     return isinstance(value, torch.Tensor) and key != "step" and value.shape == p.shape
+
+
+def nonfinite_flag(pieces: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """1.0 if any element of `pieces` is inf or nan, else 0.0, as a 1-element fp32 tensor on `device`
+    (no host synchronisation per piece: the caller reduces it over ranks and reads it once)."""
+    bad = torch.zeros(1, dtype=torch.float32, device=device)
+    for piece in pieces:
+        bad = torch.maximum(bad, torch.logical_not(torch.isfinite(piece).all()).to(device, torch.float32))
+    return bad
+
+
+def sum_of_squares(pieces: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Sum of squares of all elements of `pieces`, accumulated in fp32 (no fp32 copy of a low-precision
+    piece), as a 1-element tensor on `device`."""
+    sumsq = torch.zeros(1, dtype=torch.float32, device=device)
+    for piece in pieces:
+        sumsq += torch.linalg.vector_norm(piece, dtype=torch.float32).square().to(device)
+    return sumsq

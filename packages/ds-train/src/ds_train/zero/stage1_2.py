@@ -22,7 +22,15 @@ from ds_core import comm
 from ds_core.accelerator import get_accelerator
 
 from ds_train.optim import Lamb, is_elementwise
-from ds_train.zero.chunked_step import STEP_CHUNK, batch_by_size, chunk_size, step_batch, usable_as_is
+from ds_train.zero.chunked_step import (
+    STEP_CHUNK,
+    batch_by_size,
+    chunk_size,
+    nonfinite_flag,
+    step_batch,
+    sum_of_squares,
+    usable_as_is,
+)
 from ds_train.zero.chunked_step import is_state_tensor as _is_state_tensor
 from ds_train.zero.partition import Bucket, GroupLayout, build_layout
 from ds_train.zero.shard_checkpoint import group_meta, shard_from_full
@@ -388,16 +396,11 @@ class ZeroStage012(ZeroStrategy):
 
     def step(self, loss_scale: float, clip_norm: float, check_overflow: bool) -> StepResult:
         keys = [key for batch in self._batches for key in batch]
-        if check_overflow:
-            bad = torch.zeros(1, dtype=torch.float32, device=self.device)
-            if not all(bool(torch.isfinite(self._grad_source(*key)).all()) for key in keys):
-                bad.fill_(1.0)
-            if self._all_ranks(bad, comm.ReduceOp.MAX).item() > 0:
-                self._clear_grads()
-                return StepResult(overflow=True, grad_norm=None)
-        sumsq = torch.zeros(1, dtype=torch.float32, device=self.device)
-        for key in keys:  # piece by piece: an fp32 copy of one piece at a time
-            sumsq += torch.linalg.vector_norm(self._grad_source(*key).float()).square().to(self.device)
+        pieces = [self._grad_source(*key) for key in keys]  # views: read piece by piece, never cast whole
+        if check_overflow and self._all_ranks(nonfinite_flag(pieces, self.device), comm.ReduceOp.MAX).item() > 0:
+            self._clear_grads()
+            return StepResult(overflow=True, grad_norm=None)
+        sumsq = sum_of_squares(pieces, self.device)
         norm = float(self._all_ranks(sumsq, comm.ReduceOp.SUM).sqrt().item()) / loss_scale
         inv = 1.0 / grad_divisor(norm, loss_scale, clip_norm)
         for batch in self._batches:

@@ -31,7 +31,14 @@ from ds_core import comm
 from ds_core.logging import log_dist
 
 from ds_train.optim import is_elementwise
-from ds_train.zero.chunked_step import STEP_CHUNK, batch_by_size, chunk_size, step_batch
+from ds_train.zero.chunked_step import (
+    STEP_CHUNK,
+    batch_by_size,
+    chunk_size,
+    nonfinite_flag,
+    step_batch,
+    sum_of_squares,
+)
 from ds_train.zero.partition import GroupLayout, build_layout
 from ds_train.zero.stage3_grads import GradReducer, GradShards
 from ds_train.zero.stage3_params import MasterTier, MemoryTier, ParamGatherer, Stage3Param
@@ -435,16 +442,10 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
     def step(self, loss_scale: float, clip_norm: float, check_overflow: bool) -> StepResult:
         shards = list(self.grad_shards)  # reduced, in the gradient dtype: read in pieces, never cast whole
         pieces = [g[c : c + STEP_CHUNK] for g in shards for c in range(0, g.numel(), STEP_CHUNK)]
-        if check_overflow:
-            bad = torch.zeros(1, dtype=torch.float32, device=self.device)
-            if not all(bool(torch.isfinite(piece).all()) for piece in pieces):
-                bad.fill_(1.0)
-            if self._all_ranks(bad, comm.ReduceOp.MAX).item() > 0:
-                self.reducer.clear()
-                return StepResult(overflow=True, grad_norm=None)
-        sumsq = torch.zeros(1, dtype=torch.float32, device=self.device)
-        for piece in pieces:
-            sumsq += torch.linalg.vector_norm(piece, dtype=torch.float32).square().to(self.device)
+        if check_overflow and self._all_ranks(nonfinite_flag(pieces, self.device), comm.ReduceOp.MAX).item() > 0:
+            self.reducer.clear()
+            return StepResult(overflow=True, grad_norm=None)
+        sumsq = sum_of_squares(pieces, self.device)
         norm = float(self._all_ranks(sumsq, comm.ReduceOp.SUM).sqrt().item()) / loss_scale
         inv = 1.0 / grad_divisor(norm, loss_scale, clip_norm)
         if self.nvme_optimizer is not None:  # NVMe: the swapper casts and steps one chunk at a time
