@@ -12,7 +12,9 @@ from ds_train.testing import engine_config, make_model
 def test_deepspeed_defaults() -> None:
     cfg = load_train_config({"train_batch_size": 8})
     z = cfg.zero_optimization
-    assert (z.stage, z.reduce_bucket_size, z.allgather_bucket_size, z.reduce_scatter) == (0, 500_000_000, 500_000_000, True)
+    assert (z.stage, z.reduce_bucket_size, z.allgather_bucket_size) == (0, 500_000_000, 500_000_000)
+    # unset collectives: the strategy picks the backend's faster one (reduce-scatter, or all-reduce on gloo)
+    assert (z.reduce_scatter, z.allgather_partitions) == (None, None)
     assert (cfg.fp16.initial_scale_power, cfg.fp16.loss_scale_window, cfg.fp16.hysteresis) == (16, 1000, 2)
     assert cfg.fp16.min_loss_scale == 1 and cfg.gradient_clipping == 0.0 and cfg.steps_per_print == 10
 

@@ -29,13 +29,16 @@ CASES_W2 += [(s, "bf16", 4, "fp32_accum") for s in (0, 1, 2)]
 CASES_W2 += [
     (2, "fp32", 1, "offload"), (1, "bf16", 4, "offload"), (2, "fp32", 4, "allreduce_no_overlap"),
     (1, "fp32", 1, "broadcast_gather"), (2, "fp32", 1, "tiny_allgather"),
+    # unset collectives pick all-reduce/broadcasts on gloo: the native reduce-scatter/all-gather path too
+    (1, "bf16", 4, "native_collectives"), (2, "fp32", 4, "native_collectives"), (2, "fp16", 1, "native_collectives"),
+    (2, "fp32", 1, "native_tiny_allgather"),
 ]
 # the optimizer stepped chunk by chunk (a few dozen elements per call instead of 4M), so every batch
 # boundary, the per-batch fp32 gradient copies and the per-piece norm/overflow checks are exercised
 CASES_W2 += [(0, "bf16", 1, "step_chunks"), (1, "bf16", 4, "step_chunks"), (2, "bf16", 1, "step_chunks"),
              (2, "fp16", 1, "step_chunks")]
 CASES_W4 = [(0, "fp32", 4, "default"), (1, "bf16", 1, "fp32_accum"), (2, "fp32", 4, "default"),
-            (2, "fp16", 1, "default"), (2, "bf16", 4, "offload")]
+            (2, "fp16", 1, "default"), (2, "bf16", 4, "offload"), (2, "fp32", 1, "native_collectives")]
 
 VARIANTS = {
     "default": {},
@@ -44,6 +47,8 @@ VARIANTS = {
     "allreduce_no_overlap": {"reduce_scatter": False, "overlap_comm": False},
     "broadcast_gather": {"allgather_partitions": False},
     "tiny_allgather": {"allgather_bucket_size": 7},
+    "native_collectives": {"reduce_scatter": True, "allgather_partitions": True},
+    "native_tiny_allgather": {"reduce_scatter": True, "allgather_partitions": True, "allgather_bucket_size": 7},
     "step_chunks": {},
 }
 
@@ -85,7 +90,8 @@ def _train(cases: list[tuple], steps: int) -> dict:
             torch.equal(p.detach(), params[n].to(p.dtype)) for n, p in engine.module.named_parameters()
         )
         out[case] = {"losses": losses, "params": params if rank == 0 else None, "module_matches_master": module_ok,
-                     "skipped": engine.skipped_steps, "step_batches": len(engine.strategy._batches)}
+                     "skipped": engine.skipped_steps, "step_batches": len(engine.strategy._batches),
+                     "collectives": (engine.strategy.reduce_scatter, engine.strategy.allgather_partitions)}
         engine.destroy()
     return out
 
@@ -115,6 +121,10 @@ def _check(case: tuple, results: list[dict], world: int) -> None:
         r = res[case]
         assert r["skipped"] == 0, f"{case}: rank {rank} skipped {r['skipped']} steps"
         assert r["module_matches_master"], f"{case}: rank {rank} module weights differ from cast(master)"
+        # gloo: unset collectives are all-reduce and broadcasts; explicit settings are honoured
+        expected = {"native_collectives": (True, True), "native_tiny_allgather": (True, True),
+                    "allreduce_no_overlap": (False, False), "broadcast_gather": (False, False)}
+        assert r["collectives"] == expected.get(case[3], (False, False)), f"{case}: collectives {r['collectives']}"
         if case[3] == "step_chunks":
             assert r["step_batches"] > 3, f"{case}: the optimizer was stepped in {r['step_batches']} batches"
         for step in range(STEPS):

@@ -137,9 +137,15 @@ class ZeroConfig(DSConfigModel):
 
     stage: int = Field(0, ge=0, le=3, description="0 = data parallel, 1 = optimizer states, 2 = + gradients.")
     contiguous_gradients: bool = Field(True, description="Gradients live in one contiguous buffer (always).")
-    reduce_scatter: bool = Field(True, description="Stage 1/2: reduce-scatter gradients (false: all-reduce).")
+    # None (unset) picks the backend's faster collective: reduce-scatter, or an in-place all-reduce on gloo
+    # (ds_core.comm.prefers_allreduce); DeepSpeed's default is true
+    reduce_scatter: bool | None = Field(
+        None, description="Reduce-scatter gradients (false: all-reduce; unset: the backend's faster one)."
+    )
     reduce_bucket_size: int = Field(500_000_000, ge=1, description="Elements per gradient reduction bucket.")
-    allgather_partitions: bool = Field(True, description="All-gather updated params (false: one broadcast per rank).")
+    allgather_partitions: bool | None = Field(
+        None, description="All-gather updated params (false: one broadcast per rank; unset: the faster one)."
+    )
     allgather_bucket_size: int = Field(500_000_000, ge=1, description="Max elements moved per all-gather call.")
     overlap_comm: bool | None = Field(
         None, description="Launch each bucket's reduction asynchronously during backward (default true)."

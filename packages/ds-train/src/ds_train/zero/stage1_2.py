@@ -75,8 +75,8 @@ class ZeroStage012(ZeroStrategy):
         bucket_size: int = 500_000_000,
         allgather_bucket_size: int = 500_000_000,
         overlap_comm: bool = True,
-        reduce_scatter: bool = True,
-        allgather_partitions: bool = True,
+        reduce_scatter: bool | None = None,
+        allgather_partitions: bool | None = None,
         offload_optimizer: bool = False,
         pin_memory: bool = False,
         elementwise: bool = True,
@@ -95,8 +95,10 @@ class ZeroStage012(ZeroStrategy):
         self.dtype, self.grad_dtype, self.comm_dtype = dtype, grad_dtype, comm_dtype
         self.device = device
         self.overlap_comm = overlap_comm
-        self.reduce_scatter = reduce_scatter
-        self.allgather_partitions = allgather_partitions
+        # unset: whichever the backend runs faster (gloo: in-place all-reduce of our own bucket, broadcasts)
+        native = not comm.prefers_allreduce(group)
+        self.reduce_scatter = native if reduce_scatter is None else reduce_scatter
+        self.allgather_partitions = native if allgather_partitions is None else allgather_partitions
         self.allgather_bucket_size = allgather_bucket_size
         self.offload = offload_optimizer
         self.pin_memory = pin_memory
@@ -162,6 +164,13 @@ class ZeroStage012(ZeroStrategy):
         self._first_micro = True  # stage 2: the first micro step writes its piece instead of adding
         self._reset_backward_state()
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for ps in self.params for p in ps]
+
+    def describe(self) -> str:
+        if self.parts == 1 or self.world == 1:
+            return super().describe()
+        reduce = "reduce-scatter" if self.reduce_scatter else "all-reduce"
+        gather = "all-gather" if self.allgather_partitions else "broadcasts"
+        return f"{super().describe()} (gradients: {reduce}, parameters: {gather})"
 
     # -- setup helpers -------------------------------------------------------------------------------
     def _broadcast_flat(self) -> None:
