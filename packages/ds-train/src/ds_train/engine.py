@@ -2,49 +2,42 @@
 
 Usage is DeepSpeed's: call ``engine(batch)``, ``engine.backward(loss)`` and ``engine.step()`` for
 every micro batch; the optimizer runs on every ``gradient_accumulation_steps``-th call of step().
-Where parameters, gradients and optimizer state live is the strategy's business (`ds_train.zero`).
+Where parameters, gradients and optimizer state live is the strategy's business (`ds_train.zero`);
+what is built before the first step is in `engine_setup`, checkpoint save/load in `engine_checkpoint`.
 """
 from __future__ import annotations
 
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from ds_core import comm
 from ds_core.accelerator import get_accelerator
-from ds_core.config import ConfigError
 from ds_core.logging import log_dist, logger
 from ds_core.utils import SynchronizedWallClockTimer, memory_report
 
-from ds_train.checkpoint.format import CheckpointError, read_latest
-from ds_train.checkpoint.reader import CheckpointReader
-from ds_train.checkpoint.writer import check_json, write_checkpoint
 from ds_train.config import TrainConfig, resolve_batch_sizes
 from ds_train.dataloader import DSDataLoader
+from ds_train.engine_checkpoint import EngineCheckpointMixin
+from ds_train.engine_setup import (
+    OptimizerArg,
+    broadcast_non_flat,
+    build_lr_scheduler,
+    check_optimizer_shardable,
+    optimizer_factory,
+    param_groups,
+    training_length,
+)
 from ds_train.monitor import Monitors
-from ds_train.optim import Lamb, build_optimizer, is_elementwise
 from ds_train.precision import build_loss_scaler, dtype_from_name, model_dtype
-from ds_train.schedulers import build_scheduler
 from ds_train.zero import StepResult, strategy_class
 
 __all__ = ["DeepSpeedEngine"]
 
-OptimizerArg = Union[torch.optim.Optimizer, Callable[..., torch.optim.Optimizer], None]  # noqa: UP007 - runtime alias, py39
 
-
-def _rebind_client_optimizer(client: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """Point a user's optimizer at the engine's master parameters, keeping its class and hyperparameters."""
-    client.param_groups = []
-    client.state.clear()
-    for g in groups:
-        client.add_param_group(g)
-    return client
-
-
-class DeepSpeedEngine(torch.nn.Module):
+class DeepSpeedEngine(EngineCheckpointMixin, torch.nn.Module):
     """Wraps `model` for distributed mixed-precision training; build it with `ds_train.initialize`."""
 
     def __init__(
@@ -81,7 +74,7 @@ class DeepSpeedEngine(torch.nn.Module):
             from ds_train.integrations import DataEfficiencyHook
 
             self.data_efficiency = DataEfficiencyHook(raw_config, model, config.train_batch_size, self.global_rank,
-                                                      train_iters=self._training_length(config, train_iters))
+                                                      train_iters=training_length(config, train_iters))
         self.compression = None
         if config.compression_training is not None:
             from ds_train.integrations import CompressionHook
@@ -90,7 +83,7 @@ class DeepSpeedEngine(torch.nn.Module):
 
         model.to(device=self.device, dtype=self.dtype)
         self.module = model
-        groups = self._param_groups(model, optimizer, model_parameters)
+        groups = param_groups(model, optimizer, model_parameters)
         names = {id(p): n for n, p in model.named_parameters()}
         missing = [i for g in groups for i, p in enumerate(g["params"]) if id(p) not in names]
         if missing:
@@ -98,17 +91,8 @@ class DeepSpeedEngine(torch.nn.Module):
 
         zc = config.zero_optimization
         offload = zc.offload_optimizer_device in ("cpu", "nvme")  # nvme: the CPU Adam kernel streams chunks
-        make_optimizer, elementwise = self._optimizer_factory(optimizer, offload)
-        # Lamb's per-tensor trust ratio is made exact at stages 1/2 (norms summed over shards, optim/lamb.py)
-        lamb = isinstance(optimizer, Lamb) or (optimizer is None and config.optimizer is not None
-                                                and config.optimizer.type.lower() == "lamb")
-        if zc.stage >= 1 and not elementwise and not (lamb and zc.stage in (1, 2)) \
-                and not config.zero_allow_untested_optimizer:
-            raise ConfigError(
-                f"ZeRO stage {zc.stage} shards the optimizer over flat buffers, which is exact only for "
-                "elementwise optimizers (Adam, AdamW, SGD, Adagrad, Lion) and, at stages 1 and 2, Lamb; this "
-                "optimizer is not. Use a lower stage, or set zero_allow_untested_optimizer=true to accept it."
-            )
+        make_optimizer, elementwise = optimizer_factory(config, optimizer, offload)
+        check_optimizer_shardable(config, optimizer, elementwise)
         grad_dtype = dtype_from_name(config.data_types.grad_accum_dtype) if config.data_types.grad_accum_dtype \
             else self.dtype
         comm_dtype = dtype_from_name(config.communication_data_type) if config.communication_data_type else None
@@ -125,9 +109,9 @@ class DeepSpeedEngine(torch.nn.Module):
             ignore_unused_parameters=zc.ignore_unused_parameters,
             **({"model": model, "zero_config": zc, "aio_config": config.aio} if zc.stage == 3 else {}),
         )
-        self._broadcast_non_flat(model)
+        broadcast_non_flat(model, self.dp_world_size)
         self.optimizer = self.strategy.optimizer
-        self.lr_scheduler = self._build_scheduler(lr_scheduler)
+        self.lr_scheduler = build_lr_scheduler(config, lr_scheduler, self.optimizer)
         self.loss_scaler = build_loss_scaler(config.fp16)
         self.training_dataloader = self.deepspeed_io(training_data, collate_fn=collate_fn) \
             if training_data is not None else None
@@ -156,91 +140,6 @@ class DeepSpeedEngine(torch.nn.Module):
             f"grad accumulation {config.gradient_accumulation_steps}, optimizer {type(self.optimizer).__name__}"
             + (", optimizer offloaded to CPU" if offload else "")
         )
-
-    # -- construction helpers ------------------------------------------------------------------------
-    @staticmethod
-    def _param_groups(model: torch.nn.Module, optimizer: OptimizerArg, model_parameters: Any) -> list[dict]:
-        if isinstance(optimizer, torch.optim.Optimizer):
-            raw = [dict(g) for g in optimizer.param_groups]
-        elif model_parameters is not None:
-            items = list(model_parameters)
-            if items and isinstance(items[0], dict):
-                raw = [dict(g) for g in items]
-            elif items and isinstance(items[0], tuple):  # named_parameters()
-                raw = [{"params": [p for _, p in items]}]
-            else:
-                raw = [{"params": items}]
-        else:
-            raw = [{"params": list(model.parameters())}]
-        seen: set[int] = set()
-        groups = []
-        for g in raw:
-            params = []
-            for p in g["params"]:
-                if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    params.append(p)
-            if params:
-                groups.append({**g, "params": params})
-        if not groups:
-            raise ValueError("the model has no trainable parameters (none with requires_grad=True)")
-        return groups
-
-    def _optimizer_factory(self, optimizer: OptimizerArg, offload: bool) -> tuple[Callable, bool]:
-        cfg = self._config.optimizer
-        if isinstance(optimizer, torch.optim.Optimizer):
-            if cfg is not None:
-                raise ConfigError("an optimizer was passed to initialize() and the config has an 'optimizer' section; "
-                                  "give only one")
-            if offload and self._config.zero_force_ds_cpu_optimizer:
-                from ds_kernels.optim import DSCPUAdagrad, DSCPUAdam, DSCPULion
-
-                if not isinstance(optimizer, (DSCPUAdam, DSCPUAdagrad, DSCPULion)):
-                    raise ConfigError(
-                        "offload_optimizer=cpu with a client optimizer needs a ds-kernels CPU optimizer "
-                        "(ds_kernels.optim.DSCPUAdam/DSCPUAdagrad/DSCPULion), or set zero_force_ds_cpu_optimizer=false"
-                    )
-            return (lambda groups: _rebind_client_optimizer(optimizer, groups)), is_elementwise(optimizer)
-        if callable(optimizer):
-            # unknown class: stage 0 keeps whole tensors (always exact); stage >= 1 checks after building
-            return optimizer, self._config.zero_stage >= 1
-        if cfg is None:
-            raise ConfigError("no optimizer: add an 'optimizer' section to the config or pass optimizer= to initialize()")
-        if cfg.legacy_fusion:
-            raise ConfigError("optimizer.legacy_fusion=true is not supported")
-        elementwise = cfg.type.lower() != "lamb"
-        return (lambda groups: build_optimizer(cfg.type, cfg.params, groups, offload=offload)), elementwise
-
-    def _broadcast_non_flat(self, model: torch.nn.Module) -> None:
-        """Frozen parameters and buffers start equal on every rank, as the trainable ones do (ZeRO-3's
-        partitioned frozen parameters are already consistent: their pieces were cut from one source)."""
-        if self.dp_world_size == 1:
-            return
-        for t in list(model.buffers()) + [p for p in model.parameters() if not p.requires_grad and not hasattr(p, "ds3")]:
-            comm.broadcast(t.data, 0)
-
-    def _build_scheduler(self, lr_scheduler: Any) -> Any:
-        cfg = self._config.scheduler
-        if lr_scheduler is not None and cfg is not None:
-            raise ConfigError("an lr_scheduler was passed to initialize() and the config has a 'scheduler' section; "
-                              "give only one")
-        if lr_scheduler is not None:
-            return lr_scheduler(self.optimizer) if callable(lr_scheduler) and not hasattr(lr_scheduler, "step") \
-                else lr_scheduler
-        if cfg is not None:
-            return build_scheduler(cfg.type, cfg.params, self.optimizer)
-        return None
-
-    @staticmethod
-    def _training_length(config: TrainConfig, train_iters: int | None) -> int | None:
-        """Optimizer steps of the whole run: given, or the LR schedule's ``total_num_steps`` (WarmupDecayLR,
-        WarmupCosineLR); None when neither says (ds-data then asks for total_layer_tokens)."""
-        if train_iters is not None:
-            if int(train_iters) < 1:
-                raise ValueError(f"train_iters={train_iters}: the training length must be at least 1 step")
-            return int(train_iters)
-        total = config.scheduler.params.get("total_num_steps") if config.scheduler is not None else None
-        return int(total) if total is not None and not isinstance(total, str) else None
 
     def deepspeed_io(self, dataset: Any, batch_size: int | None = None, collate_fn: Callable | None = None,
                      num_local_io_workers: int = 0, route: Any = None,
@@ -429,178 +328,6 @@ class DeepSpeedEngine(torch.nn.Module):
     def zero_grad(self) -> None:
         self.strategy.zero_grad()
 
-    # -- checkpoints -------------------------------------------------------------------------------------
-    def _engine_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "global_steps": self.global_steps,
-            "global_samples": self.global_samples,
-            "micro_steps": self.micro_steps,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps(),
-            "skipped_steps": self.skipped_steps,
-            "dp_world_size": self.dp_world_size,
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "optimizer_class": type(self.optimizer).__name__,
-            "loss_scaler": self.loss_scaler.state_dict(),
-            "lr_scheduler": self._scheduler_state(),
-            # ds-data's curriculum loader keeps its position in the data_efficiency state instead
-            "dataloader": self.training_dataloader.state_dict()
-            if isinstance(self.training_dataloader, DSDataLoader) else None,
-            "data_efficiency": self.data_efficiency.state_dict() if self.data_efficiency is not None else None,
-        }
-        return state
-
-    def _scheduler_state(self) -> Any:
-        if self.lr_scheduler is None:
-            return None
-        state = self.lr_scheduler.state_dict()
-        check_json(state, "lr_scheduler.state_dict()")
-        return state
-
-    def save_checkpoint(self, save_dir: str, tag: str | None = None, client_state: dict | None = None,
-                        save_latest: bool = True, exclude_frozen_parameters: bool = False) -> bool:
-        """Save model, optimizer shards, scheduler, loss scaler, loader position and `client_state`."""
-        if exclude_frozen_parameters:
-            raise ValueError("save_checkpoint(exclude_frozen_parameters=True) is not supported yet")
-        tag = tag if tag is not None else f"global_step{self.global_steps}"
-        path = write_checkpoint(
-            save_dir, str(tag), strategy=self.strategy, module=self.module, engine_state=self._engine_state(),
-            client_state=dict(client_state or {}), save_latest=save_latest,
-            tag_validation=self._config.checkpoint.tag_validation,
-        )
-        log_dist(f"saved checkpoint {path}", ranks=[0])
-        return True
-
-    def load_checkpoint(self, load_dir: str, tag: str | None = None, load_module_strict: bool = True,
-                        load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
-                        load_module_only: bool = False, custom_load_fn: Any = None) -> tuple[str | None, Any]:
-        """Load a checkpoint saved on any data-parallel world size; returns (path, client_state).
-
-        As DeepSpeed: with no tag and no ``latest`` file, warns and returns (None, None).
-        """
-        if custom_load_fn is not None:
-            raise ValueError("load_checkpoint(custom_load_fn=...) is not supported")
-        if tag is None and read_latest(Path(load_dir)) is None:
-            logger.warning(f"load_checkpoint: no 'latest' file in {load_dir} and no tag given; nothing loaded")
-            return None, None
-        reader = CheckpointReader(load_dir, tag)  # verifies every file before anything changes
-        self._load_module(reader, strict=load_module_strict)
-        if load_module_only:
-            self.strategy.sync_master_from_params()
-        else:
-            try:
-                self.strategy.load_shard_state(reader, load_optimizer_states)
-            except ValueError as exc:
-                raise CheckpointError(f"{reader.path}: {exc}") from None
-            self._load_engine_state(reader.engine_state, load_lr_scheduler_states)
-        log_dist(f"loaded checkpoint {reader.path} (saved on {reader.engine_state.get('dp_world_size')} ranks)",
-                 ranks=[0])
-        return str(reader.path), reader.client_state
-
-    def _load_module(self, reader: CheckpointReader, strict: bool) -> None:
-        with self.strategy.gathered_params():  # ZeRO-3: whole parameters; in-place changes are kept
-            self._load_module_gathered(reader, strict)
-
-    def _load_module_gathered(self, reader: CheckpointReader, strict: bool) -> None:
-        state = reader.module_state_dict()
-        own = self.module.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if strict and (missing or unexpected):
-            raise CheckpointError(f"{reader.path}: the checkpoint does not match the model: missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]}")
-        for name, t in state.items():
-            if name in own and tuple(own[name].shape) != tuple(t.shape):
-                raise CheckpointError(f"{reader.path}: '{name}' has shape {tuple(t.shape)} in the checkpoint, "
-                                      f"{tuple(own[name].shape)} in the model")
-        with torch.no_grad():
-            for name, t in state.items():
-                if name in own:
-                    own[name].copy_(t)
-
-    def _load_engine_state(self, state: dict[str, Any], load_lr_scheduler_states: bool) -> None:
-        self.global_steps = int(state.get("global_steps", 0))
-        self.global_samples = int(state.get("global_samples", 0))
-        self.micro_steps = self._resumed_micro_steps(int(state.get("micro_steps", 0)),
-                                                     state.get("gradient_accumulation_steps"))
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        if state.get("loss_scaler"):
-            self.loss_scaler.load_state_dict(state["loss_scaler"])
-        if load_lr_scheduler_states and self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
-            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if isinstance(self.training_dataloader, DSDataLoader) and state.get("dataloader"):
-            saved = state["dataloader"]
-            if "consumed_samples" not in saved and state.get("dp_world_size") != self.dp_world_size:
-                logger.warning("data loader position not restored: the checkpoint (from before the global sample "
-                               f"count was recorded) was saved on {state.get('dp_world_size')} ranks, this run has "
-                               f"{self.dp_world_size}")
-            else:
-                # continues at the saved global sample count, also on another world size (see dataloader.py)
-                self.training_dataloader.load_state_dict(saved)
-                consumed = self.training_dataloader.sampler.consumed_samples
-                if consumed % self.train_batch_size():
-                    logger.warning(
-                        f"data loader resumed at global sample {consumed} of its epoch, not a multiple of this run's "
-                        f"train_batch_size={self.train_batch_size()}: the samples continue in the saved order, but "
-                        "the optimizer steps group them differently from a run started with this batch size"
-                    )
-        if self.data_efficiency is not None and state.get("data_efficiency") is not None:
-            self.data_efficiency.load_state_dict(state["data_efficiency"])
-
-    def _resumed_micro_steps(self, micro_steps: int, saved_ga: int | None) -> int:
-        """The micro step counter in this run's accumulation (it decides the boundaries), not the saver's.
-
-        A checkpoint saved on another world size usually comes with another gradient_accumulation_steps
-        for the same global batch; keeping the saver's count would misplace every boundary after it.
-        """
-        ga = self.gradient_accumulation_steps()
-        if saved_ga is None or int(saved_ga) == ga:
-            return micro_steps
-        boundaries, within = divmod(micro_steps, int(saved_ga))
-        if within:
-            logger.warning(f"checkpoint saved after micro step {within} of {saved_ga} of an accumulation: this run "
-                           f"(gradient_accumulation_steps={ga}) starts its next accumulation from the beginning")
-        return boundaries * ga
-
-    def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin",
-                         exclude_frozen_parameters: bool = False) -> bool:
-        """The module's weights in the training dtype, one file (.safetensors, or torch.save otherwise)."""
-        zc = self._config.zero_optimization
-        if zc.stage == 3 and not zc.stage3_gather_16bit_weights_on_model_save:
-            logger.warning("save_16bit_model: not saved, stage 3 needs "
-                           "zero_optimization.stage3_gather_16bit_weights_on_model_save=true (as in DeepSpeed)")
-            return False
-        with self.strategy.gathered_params():
-            state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()
-                     if not exclude_frozen_parameters or k not in self._frozen_names()}
-        if self.global_rank != 0:
-            return True
-        out = Path(save_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{save_filename}.tmp"
-        if save_filename.endswith(".safetensors"):
-            from safetensors.torch import save_file
-
-            save_file(_dedup_shared(state), str(tmp))
-        else:
-            torch.save(state, tmp)
-        tmp.replace(out / save_filename)
-        return True
-
-    def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters: bool = False) -> dict:
-        """Whole weights in the training dtype on rank 0 ({} elsewhere); a collective (accelerate calls it)."""
-        frozen = self._frozen_names() if exclude_frozen_parameters else set()
-        with self.strategy.gathered_params():
-            state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()
-                     if k not in frozen} if self.global_rank == 0 else {}
-        return state
-
-    def _frozen_names(self) -> set[str]:
-        return {n for n, p in self.module.named_parameters() if not p.requires_grad}
-
-    def get_fp32_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole fp32 master weights by parameter name (collective: call on every rank)."""
-        return self.strategy.full_fp32_params()
-
     def destroy(self) -> None:
         """Release hooks and buffers (the engine cannot be used afterwards)."""
         for h in getattr(self.strategy, "_hooks", []):
@@ -617,13 +344,3 @@ def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_cast_floats(v, dtype) for v in obj)
     return obj
-
-
-def _dedup_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out, seen = {}, set()
-    for k, v in state.items():
-        if v.data_ptr() in seen:
-            continue
-        seen.add(v.data_ptr())
-        out[k] = v
-    return out
