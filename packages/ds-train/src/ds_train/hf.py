@@ -32,8 +32,9 @@ except ImportError as exc:  # pragma: no cover - the 'hf' extra
     raise ImportError("ds_train.hf needs transformers: pip install 'ds-train[hf]'") from exc
 
 import ds_train
+from ds_train.zero.hf_zero3 import zero3_for_transformers
 
-__all__ = ["Trainer", "fill_auto_from_training_args"]
+__all__ = ["Trainer", "fill_auto_from_training_args", "zero3_for_transformers"]
 
 # TrainingArguments the engine loop does not implement: name -> value that means "off"
 _UNSUPPORTED_ARGS = {
