@@ -196,10 +196,17 @@ class Trainer(transformers.Trainer):
         return TrainOutput(engine.global_steps, train_loss, {"train_loss": train_loss})
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """`save_pretrained` of the trained module (rank 0), weights in the training dtype."""
+        """`save_pretrained` of the trained module (rank 0), weights in the training dtype.
+
+        At ZeRO stage 3 every rank must call it: a rank holds only pieces of the parameters, so the
+        whole weights are gathered (a collective) and rank 0 writes them.
+        """
         output_dir = output_dir or self.args.output_dir
+        state = None
+        if self.engine is not None and self.engine.zero_optimization_stage() == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
         if self.args.process_index == 0:
             module = self.engine.module if self.engine is not None else self.model
-            module.save_pretrained(output_dir, safe_serialization=True)
+            module.save_pretrained(output_dir, state_dict=state, safe_serialization=True)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
