@@ -128,27 +128,37 @@ def test_resize_token_embeddings_under_zero_init_matches_plain_and_trains_like_i
         assert (results[0]["final"][name] - t).abs().max().item() < 2e-5, name
 
 
-def test_zero3_for_transformers_restores_an_existing_deepspeed_module_and_config() -> None:
+def test_zero3_for_transformers_restores_an_existing_deepspeed_module_and_config(tmp_path) -> None:
     import types
 
     import transformers
     from ds_train.hf import zero3_for_transformers
     from transformers.integrations import deepspeed as hf_ds
 
-    sentinel = types.ModuleType("deepspeed")
+    _save("llama", str(tmp_path))
+    installed = {"deepspeed": types.ModuleType("deepspeed"), "deepspeed.runtime": types.ModuleType("deepspeed.runtime")}
     before_ref = hf_ds._hf_deepspeed_config_weak_ref
-    sys.modules["deepspeed"] = sentinel
+    sys.modules.update(installed)
     try:
         with zero3_for_transformers(config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}):
             import deepspeed
 
-            assert deepspeed is not sentinel and transformers.integrations.is_deepspeed_zero3_enabled()
+            assert deepspeed is not installed["deepspeed"] and transformers.integrations.is_deepspeed_zero3_enabled()
             assert hf_ds.deepspeed_config()["zero_optimization"]["stage"] == 3
+            assert deepspeed.zero.GatheredParameters is __import__("ds_train").zero.GatheredParameters
             with pytest.raises(AttributeError, match="deepspeed.initialize is not provided"):
                 deepspeed.initialize  # noqa: B018 - the access is the test
-        assert sys.modules["deepspeed"] is sentinel and hf_ds._hf_deepspeed_config_weak_ref is before_ref
+            # transformers' own ZeRO-3 loader needs DeepSpeed internals: one clear error, not a half-built model
+            with pytest.raises(AttributeError, match="deepspeed.zero.Init is not provided.*before entering the block"):
+                transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path))
+            with pytest.raises(ImportError, match="deepspeed.runtime is not provided"):
+                from deepspeed.runtime.zero import partition_parameters  # noqa: F401
+        assert all(sys.modules[k] is v for k, v in installed.items())
+        assert hf_ds._hf_deepspeed_config_weak_ref is before_ref
     finally:
-        sys.modules.pop("deepspeed", None)
+        for name in installed:
+            sys.modules.pop(name, None)
+    assert not transformers.integrations.is_deepspeed_zero3_enabled()
     with pytest.raises(ValueError, match="stage is 2"):
         zero3_for_transformers(config={"zero_optimization": {"stage": 2}})
 

@@ -12,10 +12,13 @@ empty placeholder and fails.
         model.resize_token_embeddings(len(tokenizer))
 
 Inside the block, and only there: transformers' switch answers True, and the name `deepspeed` resolves
-to a small namespace that forwards to ds_train (`zero.GatheredParameters`, `zero.Init`,
-`comm.get_rank/get_world_size`, `accelerator.get_accelerator`); any other `deepspeed` attribute is an
-AttributeError naming it. On exit both are restored exactly (an installed `deepspeed`, or its absence,
-and the previous transformers config), so nothing outside the block sees a `deepspeed` module.
+to a namespace holding one thing, `deepspeed.zero.GatheredParameters`, which is ds_train's; any other
+`deepspeed` attribute or submodule is an error naming it. On exit both are restored exactly (an
+installed `deepspeed`, or its absence, and the previous transformers config), so nothing outside the
+block sees a `deepspeed` module. What this covers in transformers 5.x: `resize_token_embeddings`
+(also with `pad_to_multiple_of`, mean-resizing or the init rule, tied or untied heads) and
+`generate()`'s default `synced_gpus`. Building or loading a model inside the block is refused:
+transformers' own ZeRO-3 loader patches DeepSpeed internals (`deepspeed.runtime.zero`).
 
 On exit, parameters of `model` that appeared inside the block whole (the resized embedding and head)
 are partitioned like `zero.Init` does it: rank 0's values, cut to each rank's piece. This matches
@@ -25,6 +28,7 @@ resize before `ds_train.initialize`; the block refuses that case on exit, naming
 """
 from __future__ import annotations
 
+import importlib.abc
 import importlib.machinery
 import sys
 import types
@@ -32,14 +36,16 @@ import weakref
 from typing import Any
 
 import torch
-from ds_core import comm
 
 from ds_train.zero.init import GatheredParameters, Init
 
 __all__ = ["zero3_for_transformers"]
 
-_SHIM_NAMES = ("deepspeed", "deepspeed.zero", "deepspeed.comm", "deepspeed.accelerator")
-# what transformers' `deepspeed_config()` returns when no config is given (it passes it to zero.Init)
+_SHIM_NAMES = ("deepspeed", "deepspeed.zero")
+_ADVICE = ("this transformers code path is not supported on ds_train's ZeRO-3 (build or load the model under "
+           "ds_train.zero.Init(config=...) before entering the block: transformers' own ZeRO-3 loader reaches into "
+           "DeepSpeed's internals)")
+# what transformers' `deepspeed_config()` returns when no config is given
 _DEFAULT_CONFIG = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
 
 
@@ -58,16 +64,16 @@ def _refuse_other(module_name: str, provided: tuple[str, ...]) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
         raise AttributeError(f"{module_name}.{name} is not provided by ds_train.hf.zero3_for_transformers "
-                             f"(it provides {', '.join(provided)}); this transformers code path is not supported "
-                             "on ds_train's ZeRO-3")
+                             f"(it provides {', '.join(provided)}); {_ADVICE}")
     return __getattr__
 
 
-def _module(name: str, doc: str, package: bool = False, **attrs: Any) -> types.ModuleType:
-    mod = types.ModuleType(name, doc)
+def _module(name: str, package: bool = False, **attrs: Any) -> types.ModuleType:
+    mod = types.ModuleType(name, "ds_train's stand-in for the part of deepspeed that transformers' ZeRO-3 branches "
+                                 "call on a built model (scoped: see ds_train.zero.hf_zero3)")
     mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=package)
     if package:
-        mod.__path__ = []  # submodules resolve from sys.modules only
+        mod.__path__ = []  # submodules resolve from sys.modules only (others: _RefuseSubmodules)
     for key, value in attrs.items():
         setattr(mod, key, value)
     mod.__getattr__ = _refuse_other(name, tuple(sorted(attrs)))
@@ -75,32 +81,28 @@ def _module(name: str, doc: str, package: bool = False, **attrs: Any) -> types.M
 
 
 def _shim_modules() -> dict[str, types.ModuleType]:
-    from ds_core.accelerator import get_accelerator
-
-    doc = "ds_train's stand-in for the parts of deepspeed that transformers calls (scoped, see ds_train.zero.hf_zero3)"
-    zero = _module("deepspeed.zero", doc, GatheredParameters=GatheredParameters, Init=Init)
-    dist = _module("deepspeed.comm", doc, get_rank=_rank, get_world_size=_world_size)
-    accel = _module("deepspeed.accelerator", doc, get_accelerator=get_accelerator)
-    root = _module("deepspeed", doc, package=True, zero=zero, comm=dist, accelerator=accel)
-    return {"deepspeed": root, "deepspeed.zero": zero, "deepspeed.comm": dist, "deepspeed.accelerator": accel}
+    zero = _module("deepspeed.zero", GatheredParameters=GatheredParameters)
+    return {"deepspeed": _module("deepspeed", package=True, zero=zero), "deepspeed.zero": zero}
 
 
-def _rank(group: Any = None) -> int:
-    return comm.get_rank(group) if comm.is_initialized() else 0
+class _RefuseSubmodules(importlib.abc.MetaPathFinder):
+    """Inside the block, `import deepspeed.<anything else>` is one clear error instead of 'No module named'."""
 
-
-def _world_size(group: Any = None) -> int:
-    return comm.get_world_size(group) if comm.is_initialized() else 1
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> None:
+        if fullname.startswith("deepspeed.") and fullname not in _SHIM_NAMES:
+            raise ImportError(f"{fullname} is not provided by ds_train.hf.zero3_for_transformers; {_ADVICE}")
+        return None
 
 
 class zero3_for_transformers:  # noqa: N801 - used like a function: `with zero3_for_transformers(model):`
     """transformers sees ZeRO-3 inside the block; new whole parameters of `model` are partitioned on exit.
 
     `model`: the transformers model (or a ds_train engine: its module), built under `ds_train.zero.Init`
-    or plain; None when only transformers' switch is wanted. `config`: the ds_train config that
-    transformers hands to `deepspeed.zero.Init` when it builds a model inside the block (`from_config`);
-    a stage-3 config with no precision section (fp32) when omitted. Every rank enters the block (it
-    gathers collectively). Nesting is refused.
+    or plain; None when only transformers' switch is wanted. `config`: the ds_train stage-3 config that
+    transformers' `deepspeed_config()` returns inside the block (a minimal stage-3 dict when omitted).
+    Every rank enters the block (it gathers collectively). Nesting is refused, and so is building or
+    loading a model inside it (`from_pretrained`/`from_config` take transformers' own ZeRO-3 loader,
+    which needs DeepSpeed's internals: load under `ds_train.zero.Init` before the block).
     """
 
     _active: zero3_for_transformers | None = None
@@ -109,8 +111,9 @@ class zero3_for_transformers:  # noqa: N801 - used like a function: `with zero3_
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"zero3_for_transformers(model=...) takes a torch.nn.Module or a ds_train engine, "
                             f"not {type(model).__name__}")
-        module = getattr(model, "module", model) if model is not None else None
-        self.model: torch.nn.Module | None = module
+        from ds_train.engine import DeepSpeedEngine
+
+        self.model: torch.nn.Module | None = model.module if isinstance(model, DeepSpeedEngine) else model
         if config is None:
             config = _DEFAULT_CONFIG
         else:
@@ -122,9 +125,10 @@ class zero3_for_transformers:  # noqa: N801 - used like a function: `with zero3_
                 raise ValueError(f"zero3_for_transformers(config=...): zero_optimization.stage is {stage}, "
                                  "this block is for stage 3")
         self._hf_config = _TransformersDeepSpeedConfig(config)
-        self._saved_modules: dict[str, types.ModuleType | None] = {}
+        self._saved_modules: dict[str, types.ModuleType] = {}
         self._saved_ref: Any = None
         self._before: set[int] = set()
+        self._finder = _RefuseSubmodules()
 
     def __enter__(self) -> zero3_for_transformers:
         from transformers.integrations import deepspeed as hf_ds
@@ -137,8 +141,11 @@ class zero3_for_transformers:  # noqa: N801 - used like a function: `with zero3_
         if self.model is not None:
             self._before = {id(p) for p in self.model.parameters()}
         self._saved_ref = hf_ds._hf_deepspeed_config_weak_ref
-        self._saved_modules = {name: sys.modules.get(name) for name in _SHIM_NAMES}
+        # an installed deepspeed's modules (a cached submodule would bypass the import system) leave for the block
+        self._saved_modules = {name: sys.modules.pop(name) for name in list(sys.modules)
+                               if name == "deepspeed" or name.startswith("deepspeed.")}
         sys.modules.update(_shim_modules())
+        sys.meta_path.insert(0, self._finder)
         hf_ds._hf_deepspeed_config_weak_ref = weakref.ref(self._hf_config)
         zero3_for_transformers._active = self
         return self
@@ -148,11 +155,11 @@ class zero3_for_transformers:  # noqa: N801 - used like a function: `with zero3_
 
         try:
             hf_ds._hf_deepspeed_config_weak_ref = self._saved_ref
-            for name, saved in self._saved_modules.items():
-                if saved is None:
-                    sys.modules.pop(name, None)
-                else:
-                    sys.modules[name] = saved
+            if self._finder in sys.meta_path:
+                sys.meta_path.remove(self._finder)
+            for name in [n for n in sys.modules if n == "deepspeed" or n.startswith("deepspeed.")]:
+                del sys.modules[name]
+            sys.modules.update(self._saved_modules)
         finally:
             zero3_for_transformers._active = None
         if exc[0] is None and self.model is not None:
