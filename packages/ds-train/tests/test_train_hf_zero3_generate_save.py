@@ -6,7 +6,8 @@ stepping (transformers' `synced_gpus`, on by default only when it sees ZeRO-3). 
 plain single-process greedy `generate` exactly.
 
 save_model: at stage 3 a rank holds only pieces; the saved `save_pretrained` folder must hold the
-whole trained weights (equal to the engine's gathered weights, and within 2e-5 of the 1-process run).
+whole trained weights (equal to the engine's gathered weights, and within 2e-5 of the 1-process run),
+whether the Trainer got the model whole or already partitioned (loaded under `zero.Init`).
 """
 from __future__ import annotations
 
@@ -76,22 +77,33 @@ class _Data(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": ids}
 
 
-def _trainer_worker(out_dir: str, micro: int, stage: int) -> dict:
+def _trainer_worker(out_dir: str, micro: int, stage: int, built_from: str | None = None) -> dict:
     from ds_train.hf import Trainer
+    from ds_train.zero import Init
 
     args = transformers.TrainingArguments(output_dir=out_dir, max_steps=4, per_device_train_batch_size=micro,
                                           learning_rate=5e-3, save_strategy="no", report_to=[], use_cpu=True, seed=1)
     zero = {"stage": stage}
     if stage == 3:
         zero["stage3_param_persistence_threshold"] = 0  # every parameter partitioned, none kept whole
-    trainer = Trainer(model=_model(), args=args, train_dataset=_Data(), ds_config={"zero_optimization": zero})
+    if built_from is None:
+        model = _model()
+    else:  # the DeepSpeed recipe: loaded already partitioned, then handed to the Trainer
+        with Init(config={"train_micro_batch_size_per_gpu": micro, "zero_optimization": zero}):
+            model = transformers.GPT2LMHeadModel.from_pretrained(built_from)
+    trainer = Trainer(model=model, args=args, train_dataset=_Data(), ds_config={"zero_optimization": zero})
     trainer.train()
     trainer.save_model()
     return {"params": trainer.engine.get_fp32_state_dict(), "world": trainer.engine.dp_world_size}
 
 
-def test_trainer_save_model_at_stage3_writes_the_whole_trained_weights(tmp_path: Path) -> None:
-    ranks = run_distributed(_trainer_worker, 2, str(tmp_path / "two"), 2, 3)
+@pytest.mark.parametrize("under_init", [False, True])
+def test_trainer_save_model_at_stage3_writes_the_whole_trained_weights(tmp_path: Path, under_init: bool) -> None:
+    built_from = None
+    if under_init:
+        built_from = str(tmp_path / "start")
+        _model().save_pretrained(built_from)
+    ranks = run_distributed(_trainer_worker, 2, str(tmp_path / "two"), 2, 3, built_from)
     ref = _trainer_worker(str(tmp_path / "one"), 4, 2)
     assert [r["world"] for r in ranks] == [2, 2]
     saved = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "two"))
