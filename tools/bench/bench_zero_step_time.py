@@ -70,7 +70,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _run_once(python: str, impl: str, stage: int, dtype: str, steps: int, warmup: int, timeout: float) -> dict:
+def _run_once(python: str, impl: str, stage: int, dtype: str, steps: int, warmup: int, timeout: float,
+              extra_env: dict[str, str] | None = None) -> dict:
     """Start the 2 ranks (env:// rendezvous), each in its own session; output goes to files, not pipes
     (a rank blocked on a full pipe while the other waits in a collective would deadlock both)."""
     port = _free_port()
@@ -79,7 +80,7 @@ def _run_once(python: str, impl: str, stage: int, dtype: str, steps: int, warmup
         for rank in range(2):
             env = {**os.environ, "DS_ACCELERATOR": "cpu", "DS_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": "1",
                    "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **(extra_env or {})}
             cmd = [python, str(WORKER), "--impl", impl, "--stage", str(stage), "--dtype", dtype,
                    "--steps", str(steps), "--warmup", str(warmup)]
             out, err = Path(tmp, f"rank{rank}.out"), Path(tmp, f"rank{rank}.err")
@@ -111,15 +112,36 @@ def _run_once(python: str, impl: str, stage: int, dtype: str, steps: int, warmup
         return {"error": failure or "no RESULT line", "stderr_tail": tails}
 
 
-def _run(python: str, impl: str, stage: int, dtype: str, steps: int, warmup: int, timeout: float) -> dict:
+def _run(python: str, impl: str, stage: int, dtype: str, steps: int, warmup: int, timeout: float,
+         extra_env: dict[str, str] | None = None) -> dict:
     """One measurement; a run that fails or hangs (e.g. a rank killed on a busy machine) is retried once."""
     for attempt in (1, 2):
-        res = _run_once(python, impl, stage, dtype, steps, warmup, timeout)
+        res = _run_once(python, impl, stage, dtype, steps, warmup, timeout, extra_env)
         if "error" not in res:
             return res
         print(f"# {impl} stage {stage} {dtype} failed (attempt {attempt}): {res['error']}\n{res['stderr_tail']}",
               file=sys.stderr, flush=True)
     return res
+
+
+def _deepspeed_launch(ds_py: str, own_torch: bool) -> tuple[str, dict[str, str], str]:
+    """(python, extra env, how) to run DeepSpeed with.
+
+    By default DeepSpeed runs on our interpreter with its venv's site-packages appended to sys.path, so
+    torch is loaded from the very same files as ours (the torch versions must match). Two byte-identical
+    copies of libtorch in two venvs map different amounts of text at import (see
+    bench_zero_worker.file_backed_rss), which would skew plain peak-RSS ratios by ~35 MB."""
+    probe = subprocess.run(
+        [ds_py, "-c", "import os, torch, deepspeed; print(torch.__version__); "
+                      "print(os.path.dirname(os.path.dirname(deepspeed.__file__)))"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    lines = probe.stdout.split()
+    import torch
+
+    if own_torch or probe.returncode != 0 or len(lines) < 2 or lines[0] != torch.__version__:
+        why = "asked" if own_torch else f"torch {lines[0] if lines else '?'} there vs {torch.__version__} here"
+        return ds_py, {}, f"DeepSpeed on its venv's own torch ({why})"
+    return sys.executable, {"BENCH_DEEPSPEED_SITE": lines[1]}, f"DeepSpeed from {lines[1]} on our torch files"
 
 
 DS_STAGE0_NOTE = ("DeepSpeed's stage 0 with bf16 runs its BF16_Optimizer, which partitions the fp32 master weights and "
@@ -132,8 +154,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--impls", default="ours,ours-gloo,ddp,fsdp2,deepspeed",
-                    help="comma-separated subset of: ours, ours-gloo, ddp, fsdp2, deepspeed")
+    ap.add_argument("--impls", default="ours,ours-native,ddp,fsdp2,deepspeed",
+                    help="comma-separated subset of: ours, ours-native, ddp, fsdp2, deepspeed")
+    ap.add_argument("--deepspeed-own-torch", action="store_true",
+                    help="run DeepSpeed on its venv's own torch files instead of ours (see _deepspeed_launch)")
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of: fp32, bf16")
     ap.add_argument("--run-timeout", type=float, default=300.0,
                     help="seconds one 2-rank run may take before both ranks' process groups are killed")
@@ -142,19 +166,22 @@ def main() -> None:
     ours_py = sys.executable
     ds_py = os.environ.get("DS_BENCH_PYTHON", "/tmp/dsbench/bin/python")
     have_ds = Path(ds_py).exists()
-    runs = [("ours", s, "fp32") for s in (0, 1, 2)] + [("ours-gloo", s, "fp32") for s in (1, 2)]
+    runs = [("ours", s, "fp32") for s in (0, 1, 2)] + [("ours-native", s, "fp32") for s in (1, 2)]
     runs += [("ddp", 0, "fp32"), ("fsdp2", 3, "fp32")]
-    runs += [("ours", s, "bf16") for s in (0, 1, 2)] + [("ours-gloo", s, "bf16") for s in (1, 2)]
+    runs += [("ours", s, "bf16") for s in (0, 1, 2)] + [("ours-native", s, "bf16") for s in (1, 2)]
     runs += [("fsdp2", 3, "bf16")]
     if have_ds:
         runs += [("deepspeed", s, "bf16") for s in (0, 1, 2)]
     runs = [r for r in runs if r[0] in impls and r[2] in dtypes]
+    if any(r[0] == "deepspeed" for r in runs):
+        ds_launch = _deepspeed_launch(ds_py, args.deepspeed_own_torch)
+        print(json.dumps({"bench": "zero_step_time", "note": ds_launch[2]}), flush=True)
     results: dict[tuple, list[dict]] = {r: [] for r in runs}
     errors: dict[tuple, list[str]] = {r: [] for r in runs}
     for rnd in range(args.rounds):
         for impl, stage, dtype in runs:
-            py = ds_py if impl == "deepspeed" else ours_py
-            res = _run(py, impl, stage, dtype, args.steps, args.warmup, args.run_timeout)
+            py, env = ds_launch[:2] if impl == "deepspeed" else (ours_py, {})
+            res = _run(py, impl, stage, dtype, args.steps, args.warmup, args.run_timeout, env)
             if "error" in res:
                 errors[(impl, stage, dtype)].append(res["error"])
                 print(json.dumps({"bench": "zero_step_time", "run": f"{impl} stage {stage} {dtype}", "round": rnd,
@@ -194,7 +221,7 @@ def main() -> None:
             out["failed_runs"] = errors[ours] + errors[base]
         print(json.dumps(out), flush=True)
 
-    for ours in ("ours", "ours-gloo"):
+    for ours in ("ours", "ours-native"):
         for s in (0, 1, 2):
             line((ours, s, "fp32"), ("ddp", 0, "fp32"), "vs DDP, fp32")
         for s in (1, 2):

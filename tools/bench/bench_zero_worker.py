@@ -87,9 +87,9 @@ def _instrument(phases, impl: str, engine) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--impl", choices=["ours", "ours-gloo", "ddp", "fsdp2", "deepspeed"], required=True,
-                   help="ours-gloo: ZeRO with reduce_scatter=false, allgather_partitions=false (all-reduce and "
-                        "broadcasts, which gloo implements much faster than reduce-scatter/all-gather)")
+    p.add_argument("--impl", choices=["ours", "ours-native", "ddp", "fsdp2", "deepspeed"], required=True,
+                   help="ours: collectives unset (on gloo: in-place all-reduce and broadcasts, see "
+                        "ds_core.comm.prefers_allreduce); ours-native: reduce_scatter=true, allgather_partitions=true")
     p.add_argument("--stage", type=int, default=2)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--micro", type=int, default=4)
@@ -110,13 +110,13 @@ def main() -> None:
     if phases:
         phases.mark("init.model")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    if args.impl in ("ours", "ours-gloo"):
+    if args.impl in ("ours", "ours-native"):
         import ds_train
 
         ds_train.init_distributed(timeout=INIT_TIMEOUT)
         cfg = config(args.stage, args.dtype, args.micro)
-        if args.impl == "ours-gloo":
-            cfg["zero_optimization"].update(reduce_scatter=False, allgather_partitions=False)
+        if args.impl == "ours-native":
+            cfg["zero_optimization"].update(reduce_scatter=True, allgather_partitions=True)
         engine, *_ = ds_train.initialize(model=model, config=cfg)
 
         def step(i: int) -> None:
@@ -124,6 +124,9 @@ def main() -> None:
             engine.backward(engine(input_ids=ids, labels=ids).loss)
             engine.step()
     elif args.impl == "deepspeed":
+        extra_site = os.environ.get("BENCH_DEEPSPEED_SITE")
+        if extra_site:  # DeepSpeed's venv after ours on the path: torch is the very files ours runs on
+            sys.path.append(extra_site)
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo", timeout=INIT_TIMEOUT)

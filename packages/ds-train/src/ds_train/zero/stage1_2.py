@@ -151,6 +151,14 @@ class ZeroStage012(ZeroStrategy):
                 self.grad_shard.append(torch.zeros(layout.shard_numel, dtype=grad_dtype, device=device))
 
         self._batches = self._step_batches()  # after the gradient buffers: it looks at their dtype
+        # stages 0/1 with model-dtype gradients: each p.grad is its view of the gradient buffer, so autograd
+        # accumulates in place (no per-parameter gradient allocated, copied and freed in every backward)
+        self._grad_views: dict[int, torch.Tensor] = {}
+        if stage <= 1 and grad_dtype == dtype:
+            for params, layout, buf in zip(self.params, self._layouts, self.grad_full, strict=True):
+                for p, view in zip(params, layout.param_views(buf), strict=True):
+                    self._grad_views[id(p)] = view
+                    p.grad = view
 
         self._bucket_of: dict[int, tuple[int, int, int]] = {}  # id(param) -> (group, slot, bucket)
         for gi, layout in enumerate(self._layouts):
@@ -261,13 +269,19 @@ class ZeroStage012(ZeroStrategy):
         gi, si, bi = self._bucket_of[id(p)]
         slot = self._layouts[gi].slots[si]
         grad = p.grad
-        if self.stage <= 1:
+        view = self._grad_views.get(id(p))
+        if view is not None:
+            if grad is not view:  # p.grad was replaced or set to None by the user: fold it in, re-point
+                view.add_(grad)
+                p.grad = view
+        elif self.stage <= 1:
             self.grad_full[gi][slot.offset : slot.end].view(slot.shape).add_(grad)
         else:
             self._staging_buffer(gi, bi)[slot.offset - self._layouts[gi].buckets[bi].start :][: slot.numel].copy_(
                 grad.reshape(-1)
             )
-        p.grad = None
+        if view is None:
+            p.grad = None
         if id(p) in self._seen:
             return
         self._seen.add(id(p))
@@ -438,7 +452,7 @@ class ZeroStage012(ZeroStrategy):
         self._clear_grads()
         for ps in self.params:
             for p in ps:
-                p.grad = None
+                p.grad = self._grad_views.get(id(p))
 
     def _refresh_params(self) -> None:
         """Copy the updated master shard into the model-dtype buffer and all-gather the pieces."""
