@@ -130,3 +130,14 @@ def test_comms_logger_summary_has_a_row_per_op():
     assert "all_reduce" in log.summary()
     log.configure(enabled=False)
     assert not log.wants("all_reduce")
+
+
+def _prefers_allreduce() -> bool:
+    return comm.prefers_allreduce()
+
+
+def test_prefers_allreduce_on_gloo_only() -> None:
+    """gloo's reduce-scatter/all-gather are slower than an in-place all-reduce/broadcasts
+    (tools/bench/bench_gloo_collectives.py): the ZeRO strategies ask this to choose."""
+    assert not comm.prefers_allreduce()  # no process group in this process
+    assert run_distributed(_prefers_allreduce, 2) == [True, True]
