@@ -6,7 +6,14 @@ the master itself, bf16 gradient shard, Adam moments; each storage counted once)
 formula 16Ψ/N and against ours, 14Ψ/N (the gathers cast the master instead of keeping a bf16 copy).
 Communication: elements moved by the all-gathers and reduce-scatters of one training step
 (ds_core.comm.comms_logger, after a warmup step that records the module order) against 3Ψ (forward
-gather, backward gather, reduce-scatter).
+gather, backward gather, reduce-scatter), measured with the native collectives set explicitly
+(`reduce_scatter: true`, `allgather_partitions: true`): on gloo the unset default substitutes an
+in-place all-reduce of each gradient bucket and one broadcast per rank's piece of a gather
+(ds_core.comm.prefers_allreduce). A second run with that default reports the elements handed to its
+collectives (`substitute_*`: all_reduce + broadcast; the all-reduce count also holds the step's few
+scalar norm/overflow reductions). Those are 3Ψ too, but a ring all-reduce puts 2(N-1)/N of its buffer
+on the wire per rank against (N-1)/N for a reduce-scatter: gloo's faster path trades wire volume for
+no whole-size temporaries (tools/bench/bench_gloo_collectives.py).
 
     .venv/bin/python tools/bench/bench_zero3_memory_comm.py [--world 2] [--layers 5]
 Prints one JSON line.
@@ -31,7 +38,7 @@ def _gpt(n_embd: int, n_layer: int, seq: int) -> torch.nn.Module:
     return transformers.GPT2LMHeadModel(cfg)
 
 
-def _worker(n_embd: int, n_layer: int, seq: int, micro: int) -> dict:
+def _worker(n_embd: int, n_layer: int, seq: int, micro: int, native: bool) -> dict:
     import ds_train
     from ds_core import comm
 
@@ -44,6 +51,8 @@ def _worker(n_embd: int, n_layer: int, seq: int, micro: int) -> dict:
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
                               "reduce_bucket_size": 5_000_000, "stage3_prefetch_bucket_size": 5_000_000},
     }
+    if native:  # the collectives the 3Ψ theory counts, whatever the backend would pick
+        cfg["zero_optimization"].update(reduce_scatter=True, allgather_partitions=True)
     engine, *_ = ds_train.initialize(model=model, config=cfg)
     s = engine.strategy
 
@@ -59,8 +68,10 @@ def _worker(n_embd: int, n_layer: int, seq: int, micro: int) -> dict:
     step(1)
     totals = comm.comms_logger.totals()
     comm.comms_logger.configure(enabled=False)
-    moved = {op: t["bytes"] // 2 for op, t in totals.items()  # bf16: 2 bytes per element
-             if op in ("all_gather_into_tensor", "reduce_scatter_tensor")}
+    ops = ("all_gather_into_tensor" if s.allgather_partitions else "broadcast",
+           "reduce_scatter_tensor" if s.reduce_scatter else "all_reduce")
+    moved = {op: t["bytes"] // 2 for op, t in totals.items() if op in ops}  # bf16: 2 bytes per element
+    collectives = (s.reduce_scatter, s.allgather_partitions)
     seen: set[int] = set()
 
     def count(tensors) -> int:  # each storage once: the shards may be the master itself (MasterTier)
@@ -79,7 +90,7 @@ def _worker(n_embd: int, n_layer: int, seq: int, micro: int) -> dict:
                                  for v in st.values() if isinstance(v, torch.Tensor) and v.numel() > 1),
     }
     engine.destroy()
-    return {"psi": psi, "world": world, "held": held, "moved": moved}
+    return {"psi": psi, "world": world, "held": held, "moved": moved, "collectives": collectives}
 
 
 def main() -> None:
@@ -92,7 +103,10 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--micro", type=int, default=2)
     a = ap.parse_args()
-    res = run_distributed(_worker, a.world, a.embd, a.layers, a.seq, a.micro, timeout=900)[0]
+    res = run_distributed(_worker, a.world, a.embd, a.layers, a.seq, a.micro, True, timeout=900)[0]
+    sub = run_distributed(_worker, a.world, a.embd, a.layers, a.seq, a.micro, False, timeout=900)[0]
+    if res["collectives"] != (True, True):
+        raise RuntimeError(f"the native collectives were asked for, the strategy used {res['collectives']}")
     psi, world = res["psi"], res["world"]
     held = sum(res["held"].values())
     formula = 16 * psi / world
@@ -103,7 +117,12 @@ def main() -> None:
         "memory_ratio": round(held / formula, 4), "formula_ours_14psi_over_n": 14 * psi / world,
         "memory_ratio_vs_14psi": round(held / (14 * psi / world), 4), "held_breakdown": res["held"],
         "elements_moved_per_step": moved, "theory_3psi": 3 * psi, "comm_ratio": round(moved / (3 * psi), 4),
-        "moved_breakdown": res["moved"],
+        "moved_breakdown": res["moved"], "collectives": "native: reduce_scatter=true, allgather_partitions=true",
+        "substitute_collectives": "unset (this backend: " + ("native" if sub["collectives"] == (True, True)
+                                                              else "all-reduce + broadcasts") + ")",
+        "substitute_elements_per_step": sum(sub["moved"].values()),
+        "substitute_ratio_vs_3psi": round(sum(sub["moved"].values()) / (3 * psi), 4),
+        "substitute_breakdown": sub["moved"],
     }))
 
 

@@ -151,3 +151,55 @@ def test_stage3_with_deep_prefetch_reuse_and_persistence_matches_reference(model
     """Everything prefetched ahead, reused weights kept whole, small ones persistent: same numbers."""
     results = run_distributed(_eager, 2, model)
     _check_against_reference(results, "fp32", 2, model, AWKWARD_STEPS[model])
+
+
+def _native_collectives(dtype: str, offload: str) -> tuple:
+    cfg = stage3_config(dtype, 2, offload=offload, reduce_scatter=True, allgather_partitions=True)
+    return train_engine(cfg, "tiny", 0, STEPS)
+
+
+@pytest.mark.parametrize("dtype,offload", [("fp32", "none"), ("bf16", "cpu")])
+def test_stage3_native_reduce_scatter_and_all_gather_match_reference(dtype: str, offload: str) -> None:
+    """reduce_scatter/allgather_partitions=true: the native collectives (gloo's unset default is the
+    all-reduce/broadcast path, which the other tests cover); same tolerances."""
+    results = run_distributed(_native_collectives, 2, dtype, offload)
+    _check_against_reference(results, dtype, 2)
+
+
+def _collectives_used(setting: bool | None) -> dict:
+    """Which collectives one training step issues for reduce_scatter = allgather_partitions = `setting`."""
+    import ds_train
+    from ds_core import comm
+    from ds_train.testing import lm_loss, make_batch, make_model
+
+    cfg = stage3_config("fp32", 2)
+    if setting is not None:
+        cfg["zero_optimization"].update(reduce_scatter=setting, allgather_partitions=setting)
+    engine, *_ = ds_train.initialize(model=make_model(), config=cfg)
+    comm.comms_logger.configure(enabled=True)
+    comm.comms_logger.reset()
+    try:
+        ids = make_batch(0, 0, comm.get_rank())
+        engine.backward(lm_loss(engine(ids), ids))
+        engine.step()
+        ops = {op for op, t in comm.comms_logger.totals().items() if t["count"]}
+    finally:
+        comm.comms_logger.configure(enabled=False)
+        engine.destroy()
+    s = engine.strategy
+    return {"ops": ops, "flags": (s.reduce_scatter, s.allgather_partitions, s.reducer.reduce_scatter,
+                                  s.gatherer.allgather), "describe": s.describe()}
+
+
+def test_stage3_collective_choice_unset_native_and_substitute() -> None:
+    """Unset on gloo: in-place all-reduce of the gradient buckets and per-rank broadcasts (gloo's native
+    ones go through whole-size temporaries); true: reduce-scatter and all-gather; false: as unset here."""
+    for setting, flags in ((None, (False,) * 4), (True, (True,) * 4), (False, (False,) * 4)):
+        for res in run_distributed(_collectives_used, 2, setting):
+            assert res["flags"] == flags, (setting, res)
+            native = {"reduce_scatter_tensor", "all_gather_into_tensor"}
+            if setting:
+                assert native <= res["ops"] and "broadcast" not in res["ops"], (setting, res["ops"])
+            else:
+                assert not native & res["ops"] and {"all_reduce", "broadcast"} <= res["ops"], (setting, res["ops"])
+            assert ("reduce-scatter" in res["describe"]) == bool(setting), res["describe"]

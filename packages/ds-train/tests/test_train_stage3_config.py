@@ -72,14 +72,20 @@ def test_param_nvme_without_optimizer_nvme_is_refused(tmp_path) -> None:
         ds_train.initialize(model=make_model(), config=cfg, dist_init_required=False)
 
 
-def test_stage3_refuses_stage2_only_switches() -> None:
+@pytest.mark.parametrize("setting", [None, True, False])
+def test_stage3_collective_switches_are_honoured_on_one_process(setting) -> None:
+    """reduce_scatter / allgather_partitions reach the reducer and the gatherer (no backend: unset is native)."""
     import ds_train
     from ds_train.testing import make_model
 
-    cfg = {"train_batch_size": 2, "optimizer": {"type": "AdamW", "params": {"lr": 0.1}},
-           "zero_optimization": {"stage": 3, "reduce_scatter": False}}
-    with pytest.raises(ValueError, match="reduce_scatter=false"):
-        ds_train.initialize(model=make_model(), config=cfg, dist_init_required=False)
+    zero = {"stage": 3} if setting is None else {"stage": 3, "reduce_scatter": setting,
+                                                  "allgather_partitions": setting}
+    cfg = {"train_batch_size": 2, "optimizer": {"type": "AdamW", "params": {"lr": 0.1}}, "zero_optimization": zero}
+    engine, *_ = ds_train.initialize(model=make_model(), config=cfg, dist_init_required=False)
+    s = engine.strategy
+    want = True if setting is None else setting
+    assert (s.reduce_scatter, s.allgather_partitions, s.reducer.reduce_scatter, s.gatherer.allgather) == (want,) * 4
+    engine.destroy()
 
 
 @pytest.mark.parametrize("config,match", [

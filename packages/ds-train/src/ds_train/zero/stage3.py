@@ -124,12 +124,10 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
         options: Stage3Options | None = None,
         zero_config: Any = None,
         aio_config: Any = None,
-        **_stage012_only: Any,  # the engine's stage 0-2 arguments; the two that change semantics are checked
+        reduce_scatter: bool | None = None,
+        allgather_partitions: bool | None = None,
+        **_stage012_only: Any,  # the engine's stage 0-2 arguments (bucket sizes of stage 1/2's flat buffers)
     ) -> None:
-        refused = [k for k in ("reduce_scatter", "allgather_partitions") if _stage012_only.get(k) is False]
-        if refused:
-            raise ValueError(f"zero_optimization.{refused[0]}=false is a stage 1/2 option; stage 3 always "
-                             "reduce-scatters gradients and all-gathers parameter pieces (remove it)")
         if options is None:
             options = Stage3Options.from_config(zero_config, aio_config) if zero_config is not None \
                 else Stage3Options()
@@ -138,6 +136,12 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
         self.world = comm.get_world_size(group) if comm.is_initialized() else 1
         self.rank = comm.get_rank(group) if comm.is_initialized() else 0
         self.parts = self.world
+        # unset: whichever the backend runs faster on buffers we own (gloo: an in-place all-reduce of each
+        # gradient bucket, keeping this rank's row; one broadcast per rank's piece of a gather); true: the
+        # native reduce-scatter / all-gather; false: the substitute, as at stages 1/2
+        native = not comm.prefers_allreduce(group)
+        self.reduce_scatter = native if reduce_scatter is None else reduce_scatter
+        self.allgather_partitions = native if allgather_partitions is None else allgather_partitions
         self.dtype, self.device = dtype, device
         self.grad_dtype = grad_dtype
         self.ignore_unused = ignore_unused_parameters
@@ -259,13 +263,14 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
         # -- gradients, hooks ---------------------------------------------------------------------------
         grad_device = torch.device("cpu") if host_master else device
         self.grad_shards = GradShards(sizes, grad_dtype, grad_device)
-        self.gatherer = ParamGatherer(self.tier, dtype, device, group)
+        self.gatherer = ParamGatherer(self.tier, dtype, device, group, allgather=self.allgather_partitions)
         self.coordinator = PrefetchCoordinator(
             model, self.gatherer, prefetch_bucket_size=opts.prefetch_bucket_size,
             max_live_parameters=opts.max_live_parameters, max_reuse_distance=opts.max_reuse_distance)
         self.reducer = GradReducer(self.records, self.grad_shards, bucket_size=bucket_size,
                                    comm_dtype=comm_dtype or grad_dtype, group=group, overlap=overlap_comm,
-                                   predivide=predivide_factor, prescale=prescale_gradients)
+                                   predivide=predivide_factor, prescale=prescale_gradients,
+                                   reduce_scatter=self.reduce_scatter)
         self._hooks = list(self.coordinator._hooks)
         self._hooks += [p.register_post_accumulate_grad_hook(self._on_grad) for ps in self.params for p in ps]
         self._hooks += self._release_frozen_after_module_backward()
@@ -503,7 +508,16 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
         if self.parts == 1:
             return shard.clone()
         full = torch.empty(shard.numel() * self.parts, dtype=shard.dtype, device=shard.device)
-        comm.all_gather_into_tensor(full, shard.contiguous(), group=self.group)
+        if self.allgather_partitions:
+            comm.all_gather_into_tensor(full, shard.contiguous(), group=self.group)
+            return full
+        n = shard.numel()
+        full[self.rank * n : (self.rank + 1) * n].copy_(shard)
+        works = [comm.broadcast(full[r * n : (r + 1) * n], comm.get_global_rank(self.group, r), group=self.group,
+                                async_op=True) for r in range(self.parts)]
+        for w in works:
+            if w is not None:
+                w.wait()
         return full
 
     @contextlib.contextmanager
@@ -553,6 +567,9 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
             extra.append(f"params on {self.options.offload_param}")
         if self.options.offload_optimizer != "none":
             extra.append(f"optimizer on {self.options.offload_optimizer}")
+        if self.parts > 1:
+            extra.append("gradients: " + ("reduce-scatter" if self.reduce_scatter else "all-reduce"))
+            extra.append("parameters: " + ("all-gather" if self.allgather_partitions else "broadcasts"))
         return "ZeRO stage 3" + (f" ({', '.join(extra)})" if extra else "")
 
     def destroy(self) -> None:

@@ -6,7 +6,12 @@ per parameter, so checkpoints and fp32 consolidation share the stage-1/2 code pa
 ``param.data`` is an empty tensor; `ParamGatherer.gather` all-gathers a list of parameters in one
 coalesced collective (async when asked) into a private full buffer per parameter, and `release`
 drops that buffer. The buffers come from a `BufferPool` (exact sizes, reused every step) so the
-allocator does not fragment; the gather writes in place (the input is this rank's slice of the output). Where a shard lives (device memory, host memory, an NVMe file) is a `ShardTier`.
+allocator does not fragment; the gather writes in place (the input is this rank's slice of the output).
+Where the backend moves pieces faster that way (gloo: `comm.prefers_allreduce`; or
+`allgather_partitions=false`), each rank's piece is broadcast from it into its slice of the same output
+instead of one all-gather: gloo's all-gather copies through whole-size temporaries and took 1.4-2.3x the
+time of the broadcasts (tools/bench/bench_gloo_collectives.py). Where a shard lives (device memory, host
+memory, an NVMe file) is a `ShardTier`.
 """
 from __future__ import annotations
 
@@ -150,6 +155,19 @@ class PendingGather:
             self.pool.give(buf)
 
 
+class _AllWorks:
+    """Several async collectives waited for as one (the per-rank broadcasts of one gather)."""
+
+    def __init__(self, works: list[Any]) -> None:
+        self.works = works
+
+    def wait(self) -> None:
+        works, self.works = self.works, []
+        for w in works:
+            if w is not None:
+                w.wait()
+
+
 def _install(rec: Stage3Param, full: torch.Tensor) -> None:
     rec.full = full
     rec.param.data = full[: rec.numel].view(rec.shape)
@@ -160,10 +178,14 @@ def _install(rec: Stage3Param, full: torch.Tensor) -> None:
 class ParamGatherer:
     """Gathers and releases partitioned parameters on one data-parallel group."""
 
-    def __init__(self, tier: ShardTier, dtype: torch.dtype, device: torch.device, group: Any = None) -> None:
+    def __init__(self, tier: ShardTier, dtype: torch.dtype, device: torch.device, group: Any = None,
+                 allgather: bool = True) -> None:
         self.tier, self.dtype, self.device, self.group = tier, dtype, device, group
+        self.allgather = allgather  # false: one broadcast per rank of its piece, into the same output
         self.parts = comm.get_world_size(group) if comm.is_initialized() else 1
         self.rank = comm.get_rank(group) if comm.is_initialized() else 0
+        self.sources = [comm.get_global_rank(group, r) for r in range(self.parts)] if comm.is_initialized() \
+            else [0]
         self.live_numel = 0  # elements of non-persistent parameters currently whole (or in flight)
         self.by_storage: dict[int, Stage3Param] = {}  # data_ptr of a whole buffer -> record
         self.busy = 0  # > 0 while this class runs tensor ops of its own (the gather-on-use mode skips them)
@@ -201,9 +223,18 @@ class ParamGatherer:
             offset += r.shard_numel
         if self.parts == 1:
             pending = PendingGather(todo, out, None, 1, self.pool)
-        else:
+        elif self.allgather:
             work = comm.all_gather_into_tensor(out, inp, group=self.group, async_op=async_op)
             pending = PendingGather(todo, out, work if async_op else None, self.parts, self.pool)
+        else:
+            # (the work objects hold views of `out`: only the pending gather may keep them, so that the
+            # buffer can go back to the pool once they are waited for)
+            work = _AllWorks([comm.broadcast(out[r * total : (r + 1) * total], src, group=self.group,
+                                             async_op=True) for r, src in enumerate(self.sources)])
+            if not async_op:
+                work.wait()
+            pending = PendingGather(todo, out, work if async_op else None, self.parts, self.pool)
+            del work
         pending.buf = buf
         del inp, out, buf
         for r in todo:
