@@ -16,8 +16,8 @@ library creates for itself (keys the checkpoint lacks, which it initializes afte
 stay whole until `Init` exits and are then partitioned with rank 0's values. While `Init` is active,
 transformers' loader runs on the calling thread (`HF_DEACTIVATE_ASYNC_LOAD=1`, restored on exit): its
 thread pool would otherwise read tensors ahead with no bound, up to the whole model at once. A `.bin`
-in torch's legacy (non-zip) format, which cannot be memory-mapped, is read by one rank per node and
-mapped by the others from a temporary zip-format copy (`zero/hf_legacy_bin.py`).
+in torch's legacy (non-zip) format and a GGUF file, which transformers reads whole, are read by one rank
+per node and mapped by the others from a temporary zip-format copy (`zero/hf_read_once_per_node.py`).
 
 `GatheredParameters(params, modifier_rank=r)` all-gathers parameters on every rank; on exit, rank r's
 values are broadcast and written back into the shards (and the fp32 master copy when an engine owns
@@ -87,7 +87,7 @@ class Init:
         self._patched: list[tuple[type, Any]] = []
         self._registration_hook: Any = None
         self._saved_env: str | None = None
-        self._undo_legacy_reader: Any = None
+        self._undo_unmappable_readers: Any = None
         # modules that held a meta parameter: they are checked (and their late parameters partitioned) on exit
         self._pending_modules: list[weakref.ref] = []
         if module is not None and enabled:
@@ -196,9 +196,9 @@ class Init:
             self._on_parameter_registered)
         self._saved_env = os.environ.get(_SYNC_LOAD_ENV)
         os.environ[_SYNC_LOAD_ENV] = "1"
-        from ds_train.zero.hf_legacy_bin import route_legacy_bin_reads
+        from ds_train.zero.hf_read_once_per_node import route_unmappable_reads
 
-        self._undo_legacy_reader = route_legacy_bin_reads(self.group)
+        self._undo_unmappable_readers = route_unmappable_reads(self.group)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -215,9 +215,9 @@ class Init:
             if self._registration_hook is not None:
                 self._registration_hook.remove()
                 self._registration_hook = None
-            if self._undo_legacy_reader is not None:
-                self._undo_legacy_reader()
-                self._undo_legacy_reader = None
+            if self._undo_unmappable_readers is not None:
+                self._undo_unmappable_readers()
+                self._undo_unmappable_readers = None
             if self._saved_env is None:
                 os.environ.pop(_SYNC_LOAD_ENV, None)
             else:
