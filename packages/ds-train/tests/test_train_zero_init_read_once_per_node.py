@@ -123,6 +123,37 @@ def test_unmappable_checkpoint_under_zero_init_loads_exactly_and_leaves_no_copy(
             assert torch.equal(res["state"][name], t.detach()), name
 
 
+def _corrupt_worker(path: str, tmp: str) -> str:
+    import tempfile
+
+    import transformers
+    from ds_train.zero import Init
+
+    transformers.logging.set_verbosity_error()
+    saved_tmp, tempfile.tempdir = tempfile.tempdir, tmp
+    try:
+        with Init(config=stage3_config("fp32", 2)):
+            transformers.AutoModelForCausalLM.from_pretrained(path)
+    except RuntimeError as e:
+        return str(e)
+    finally:
+        tempfile.tempdir = saved_tmp
+    return "no error"
+
+
+def test_corrupt_legacy_bin_under_zero_init_is_one_clear_error_on_every_rank(tmp_path) -> None:
+    ckpt, tmp = tmp_path / "ckpt", tmp_path / "tmp"
+    ckpt.mkdir()
+    tmp.mkdir()
+    config = hf_model("llama").model.config
+    config.dtype = torch.float32  # transformers then skips its shape-only read of the file (dtype="auto")
+    config.save_pretrained(str(ckpt))
+    (ckpt / "pytorch_model.bin").write_bytes(b"\x80\x02not a checkpoint" * 100)  # neither zip nor a pickle
+    for message in run_distributed(_corrupt_worker, 2, str(ckpt), str(tmp)):  # no rank left waiting
+        assert "rank 0 could not read the checkpoint" in message and "pytorch_model.bin" in message, message
+    assert os.listdir(tmp) == []  # no partial copy left behind
+
+
 # -- memory --------------------------------------------------------------------------------------------
 def _status(field: str) -> int:
     with open("/proc/self/status") as f:
