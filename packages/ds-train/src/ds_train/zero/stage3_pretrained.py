@@ -1,7 +1,9 @@
 """transformers checkpoints into a ZeRO-3-partitioned model: `from_pretrained` without the whole model in memory.
 
 The model is built from its config under `zero.Init` (already partitioned), then the checkpoint is
-read tensor by tensor on rank 0 (safetensors are memory-mapped, so one tensor is resident at a time)
+read tensor by tensor on rank 0 (safetensors and zip-format `pytorch_model.bin` are memory-mapped, so
+one tensor is resident at a time; a legacy non-zip `.bin` is read whole, on rank 0 only; sharded
+checkpoints through their `.index.json`)
 and each is scattered through `GatheredParameters(modifier_rank=0)`: every rank keeps its piece only.
 transformers' own `from_pretrained` also works under `zero.Init` (the DeepSpeed recipe, see `zero/init.py`:
 every rank reads the checkpoint and keeps its piece); this helper reads the checkpoint on rank 0 only
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,17 +26,31 @@ from ds_train.zero.init import GatheredParameters, Init
 __all__ = ["from_pretrained_partitioned"]
 
 
+_SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")  # transformers' names, in its order of preference
+
+
 def _checkpoint_files(path: str) -> list[str]:
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, n) for n in names]
-    single = os.path.join(path, "model.safetensors")
-    if os.path.exists(single):
-        return [single]
-    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                            "(only safetensors checkpoints are streamed)")
+    for single in _SINGLE_FILES:
+        index = os.path.join(path, f"{single}.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+            return [os.path.join(path, n) for n in names]
+        if os.path.exists(os.path.join(path, single)):
+            return [os.path.join(path, single)]
+    raise FileNotFoundError(f"{path}: none of {', '.join(_SINGLE_FILES)} or their .index.json")
+
+
+def _open_on_rank0(file: str) -> tuple[list[str], Callable[[str], torch.Tensor]]:
+    """The file's keys and a reader of one tensor. safetensors and zip-format .bin are memory-mapped (one
+    tensor resident at a time); a legacy (non-zip) .bin cannot be, and is read whole, on rank 0 only."""
+    if file.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        handle = safe_open(file, framework="pt")
+        return sorted(handle.keys()), handle.get_tensor
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    return sorted(state), state.__getitem__
 
 
 def _broadcast_object(obj: Any) -> Any:
@@ -65,18 +83,21 @@ def from_pretrained_partitioned(model_class: Any, path: str, *, config: Any = No
     loaded: set[str] = set()
     unexpected: list[str] = []
     for file in _checkpoint_files(path):
-        handle = None
+        keys, read, failure = None, None, None
         if rank == 0:
-            from safetensors import safe_open
-
-            handle = safe_open(file, framework="pt")
-        keys = _broadcast_object(sorted(handle.keys()) if handle is not None else None)
+            try:
+                keys, read = _open_on_rank0(file)
+            except Exception as exc:  # the other ranks wait for the keys: they must hear of it too
+                failure = f"{type(exc).__name__}: {exc}"
+        keys, failure = _broadcast_object((keys, failure))
+        if failure is not None:
+            raise ValueError(f"from_pretrained_partitioned: rank 0 could not read {file}: {failure}")
         for key in keys:
             target = params.get(key)
             if target is None and key not in buffers:
                 unexpected.append(key)
                 continue
-            tensor = handle.get_tensor(key) if handle is not None else None
+            tensor = read(key) if read is not None else None
             shape = _broadcast_object(tuple(tensor.shape) if tensor is not None else None)
             if target is not None:
                 want = target.ds3.shape if hasattr(target, "ds3") else tuple(target.shape)
