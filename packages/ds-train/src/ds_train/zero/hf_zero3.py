@@ -15,7 +15,8 @@ Inside the block, and only there: transformers' switch answers True, and the nam
 to a namespace holding one thing, `deepspeed.zero.GatheredParameters`, which is ds_train's; any other
 `deepspeed` attribute or submodule is an error naming it. On exit both are restored exactly (an
 installed `deepspeed`, or its absence, and the previous transformers config), so nothing outside the
-block sees a `deepspeed` module. What this covers in transformers 5.x: `resize_token_embeddings`
+block sees a `deepspeed` module (inside it the switch is process-wide, as transformers' own is: other
+threads see it too). What this covers in transformers 5.x: `resize_token_embeddings`
 (also with `pad_to_multiple_of`, mean-resizing or the init rule, tied or untied heads) and
 `generate()`'s default `synced_gpus`. Building or loading a model inside the block is refused:
 transformers' own ZeRO-3 loader patches DeepSpeed internals (`deepspeed.runtime.zero`).
