@@ -201,15 +201,15 @@ def _memory_worker(path: str, warm: str, fmt: str, route: bool) -> int:
     # the worker pool reuses processes: hand freed heap back to the OS, or an earlier whole read would be
     # reused unseen (glibc keeps freed memory and raises its mmap threshold after large frees)
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    saved = hf_read_once_per_node.route_unmappable_reads
+    saved = hf_read_once_per_node.UnmappableReaders.install_available
     if not route:  # the control: transformers' reader as it is (every rank reads the whole file)
-        hf_read_once_per_node.route_unmappable_reads = lambda group: (lambda: None)
+        hf_read_once_per_node.UnmappableReaders.install_available = lambda self: None
     try:
         with _PeakAnon() as meter:
             with Init(config=cfg):
                 model = transformers.AutoModelForCausalLM.from_pretrained(path, **_kwargs(fmt))
     finally:
-        hf_read_once_per_node.route_unmappable_reads = saved
+        hf_read_once_per_node.UnmappableReaders.install_available = saved
     del model
     gc.collect()
     return meter.peak - meter.start

@@ -7,7 +7,7 @@ GGUF file of an architecture transformers does not keep packed, whose tensors it
 copies (`load_gguf_checkpoint(return_tensors=True)`). Under `zero.Init` every rank therefore held the
 whole model for a while, which is what `zero.Init` exists to avoid.
 
-While `zero.Init` is active (and transformers has been imported), those two readers are routed through here:
+While `zero.Init` is active, those two readers of transformers are routed through here (`UnmappableReaders`):
 one rank per node (the lowest rank of the group on that host) reads the file as transformers does and
 writes the resulting tensors in torch's zip format to a temporary file (under `TMPDIR`, written
 atomically); every rank of the node then memory-maps that copy, and the copy is unlinked once all have
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from ds_core import comm
 
-__all__ = ["route_unmappable_reads", "is_legacy_torch_file"]
+__all__ = ["UnmappableReaders", "is_legacy_torch_file"]
 
 
 def is_legacy_torch_file(path: str) -> bool:
@@ -40,24 +40,46 @@ def is_legacy_torch_file(path: str) -> bool:
             and not zipfile.is_zipfile(path))
 
 
-def route_unmappable_reads(group: Any) -> Callable[[], None]:
-    """Install the once-per-node readers into transformers (if imported); returns the function that undoes it."""
-    if "transformers" not in sys.modules or not comm.is_initialized() or comm.get_world_size(group) == 1:
-        return lambda: None
-    # transformers imports its modules lazily: the user's from_pretrained would import these anyway
-    utils = importlib.import_module("transformers.modeling_utils")
-    gguf_utils = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
-    patches = [(utils, "load_state_dict", _legacy_bin_reader(utils, group)),
-               (gguf_utils, "load_gguf_checkpoint", _gguf_reader(gguf_utils.load_gguf_checkpoint, group))]
-    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
-    for module, name, replacement in patches:
+class UnmappableReaders:
+    """The once-per-node readers, put into transformers' modules while zero.Init is active.
+
+    Nothing is imported for them: `install_available()` (called on entering zero.Init and after each
+    module constructor inside it) patches the reader of a transformers module once that module is loaded
+    (importing transformers' modeling code costs ~90 MB, which a zero.Init of a plain torch model must
+    not pay). transformers' modeling code is loaded before a model is built, and the GGUF quantizer
+    before its file is read; both readers are called after the model is built, so they are in place.
+    """
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.enabled = comm.is_initialized() and comm.get_world_size(group) > 1
+        self._installed: list[tuple[Any, str, Any, Any]] = []  # (module, name, original, replacement)
+        self._pending = ["bin", "gguf"]
+
+    def install_available(self) -> None:
+        if not self.enabled or not self._pending:
+            return
+        if "bin" in self._pending and "transformers.modeling_utils" in sys.modules:
+            utils = sys.modules["transformers.modeling_utils"]
+            if hasattr(utils, "load_state_dict"):
+                self._patch(utils, "load_state_dict", _legacy_bin_reader(utils, self.group))
+            self._pending.remove("bin")
+        if "gguf" in self._pending and "transformers.quantizers.quantizer_gguf" in sys.modules:
+            # a GGUF load is under way: its reader's module is small (~4 MB) and imported here if needed
+            gguf_utils = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+            self._patch(gguf_utils, "load_gguf_checkpoint", _gguf_reader(gguf_utils.load_gguf_checkpoint, self.group))
+            self._pending.remove("gguf")
+
+    def _patch(self, module: Any, name: str, replacement: Any) -> None:
+        self._installed.append((module, name, getattr(module, name), replacement))
         setattr(module, name, replacement)
 
-    def undo() -> None:
-        for (module, name, original), (_, _, replacement) in zip(saved, patches, strict=True):
+    def undo(self) -> None:
+        for module, name, original, replacement in reversed(self._installed):
             if getattr(module, name) is replacement:
                 setattr(module, name, original)
-    return undo
+        self._installed = []
+        self._pending = []
 
 
 def _legacy_bin_reader(utils: Any, group: Any) -> Callable[..., dict[str, torch.Tensor]]:

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from ds_train.zero.init import GatheredParameters, Init
+from ds_train.zero.init import GatheredParameters, Init, partition_whole_params
 
 __all__ = ["zero3_for_transformers"]
 
@@ -168,19 +168,17 @@ class zero3_for_transformers:  # noqa: N801 - used like a function: `with zero3_
 
     def _partition_new_params(self) -> None:
         named = list(self.model.named_parameters())
-        new = [(n, p) for n, p in named if not hasattr(p, "ds3")]
+        # whole parameters that were not there before the block (an engine may keep some whole on purpose)
+        new = [(n, p) for n, p in named if not hasattr(p, "ds3") and id(p) not in self._before]
         pieces = [p for _, p in named if hasattr(p, "ds3")]
         if not new or not pieces:  # nothing appeared, or a plain (unpartitioned) model: leave it as it is
             return
-        owned = [p for p in pieces if getattr(p, "ds_owner", None) is not None]
-        if owned:
-            names = [n for n, p in new if id(p) not in self._before] or [n for n, _ in new]
+        if any(getattr(p, "ds_owner", None) is not None for p in pieces):
             raise RuntimeError(
-                f"zero3_for_transformers: parameter(s) {names[:6]} appeared after ds_train.initialize adopted the "
-                "model (e.g. resize_token_embeddings); the engine's optimizer and shards cannot take new "
-                "parameters. Resize before ds_train.initialize (on the model built under zero.Init)")
+                f"zero3_for_transformers: parameter(s) {[n for n, _ in new][:6]} appeared after ds_train.initialize "
+                "adopted the model (e.g. resize_token_embeddings); the engine's optimizer and shards cannot take "
+                "new parameters. Resize before ds_train.initialize (on the model built under zero.Init)")
         groups = {id(getattr(p, "ds_init_group", None)): getattr(p, "ds_init_group", None) for p in pieces}
         if len(groups) != 1:
             raise RuntimeError("zero3_for_transformers: the model's pieces come from several zero.Init groups")
-        dtype = pieces[0].ds3.init_shard.dtype if pieces[0].ds3.init_shard is not None else None
-        Init(module=self.model, data_parallel_group=next(iter(groups.values())), dtype=dtype)
+        partition_whole_params(new, next(iter(groups.values())), dtype=pieces[0].ds3.init_shard.dtype)

@@ -37,7 +37,7 @@ from ds_core import comm
 
 from ds_train.zero.stage3_params import GATHERED, RELEASED, Stage3Param
 
-__all__ = ["Init", "GatheredParameters", "gather_init_param"]
+__all__ = ["Init", "GatheredParameters", "gather_init_param", "partition_whole_params"]
 
 # transformers' switch (documented among its environment variables) for loading on the calling thread
 _SYNC_LOAD_ENV = "HF_DEACTIVATE_ASYNC_LOAD"
@@ -87,7 +87,7 @@ class Init:
         self._patched: list[tuple[type, Any]] = []
         self._registration_hook: Any = None
         self._saved_env: str | None = None
-        self._undo_unmappable_readers: Any = None
+        self._unmappable_readers: Any = None
         # modules that held a meta parameter: they are checked (and their late parameters partitioned) on exit
         self._pending_modules: list[weakref.ref] = []
         if module is not None and enabled:
@@ -196,9 +196,10 @@ class Init:
             self._on_parameter_registered)
         self._saved_env = os.environ.get(_SYNC_LOAD_ENV)
         os.environ[_SYNC_LOAD_ENV] = "1"
-        from ds_train.zero.hf_read_once_per_node import route_unmappable_reads
+        from ds_train.zero.hf_read_once_per_node import UnmappableReaders
 
-        self._undo_unmappable_readers = route_unmappable_reads(self.group)
+        self._unmappable_readers = UnmappableReaders(self.group)
+        self._unmappable_readers.install_available()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -215,9 +216,9 @@ class Init:
             if self._registration_hook is not None:
                 self._registration_hook.remove()
                 self._registration_hook = None
-            if self._undo_unmappable_readers is not None:
-                self._undo_unmappable_readers()
-                self._undo_unmappable_readers = None
+            if self._unmappable_readers is not None:
+                self._unmappable_readers.undo()
+                self._unmappable_readers = None
             if self._saved_env is None:
                 os.environ.pop(_SYNC_LOAD_ENV, None)
             else:
@@ -260,6 +261,8 @@ def _wrap_init(original: Any) -> Any:
         active = Init._active
         if depth == 0 and active is not None:  # the outermost constructor of this object has finished
             active.partition_module(module)
+            if active._unmappable_readers is not None:  # transformers' modeling code may have loaded meanwhile
+                active._unmappable_readers.install_available()
     return init
 
 
@@ -295,6 +298,14 @@ def _config_dtype(config: Any) -> torch.dtype | None:
     if cfg.fp16_enabled:
         return torch.float16
     return torch.float32
+
+
+def partition_whole_params(named: list[tuple[str, torch.nn.Parameter]], group: Any = None,
+                           dtype: torch.dtype | None = None) -> None:
+    """Cut whole parameters to zero.Init pieces after the fact (rank 0's values; a collective, in this order)."""
+    cutter = Init(data_parallel_group=group, dtype=dtype)
+    for name, p in named:
+        cutter._partition(p, name)
 
 
 # -- gathering ------------------------------------------------------------------------------------------
