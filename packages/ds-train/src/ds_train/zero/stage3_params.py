@@ -3,9 +3,9 @@
 Every partitioned parameter gets a `Stage3Param` record (``param.ds3``). Its *shard* is this rank's
 piece of the parameter padded to a multiple of N (the layout of `zero/partition.py` with one bucket
 per parameter, so checkpoints and fp32 consolidation share the stage-1/2 code paths). Between uses
-``param.data`` is an empty tensor; `ParamGatherer.gather` all-gathers a list of parameters in one
-coalesced collective (async when asked) into a private full buffer per parameter, and `release`
-drops that buffer. The buffers come from a `BufferPool` (exact sizes, reused every step) so the
+``param.data`` is an empty tensor; `ParamGatherer.gather` all-gathers a list of parameters (async when
+asked) into a private full buffer per parameter, and `release` drops that buffer: a large parameter
+with a collective of its own straight into that buffer, the small ones coalesced into one. The buffers come from a `BufferPool` (exact sizes, reused every step) so the
 allocator does not fragment; the gather writes in place (the input is this rank's slice of the output).
 Where the backend moves pieces faster that way (gloo: `comm.prefers_allreduce`; or
 `allgather_partitions=false`), each rank's piece is broadcast from it into its slice of the same output
@@ -27,6 +27,7 @@ __all__ = ["Stage3Param", "ShardTier", "MemoryTier", "MasterTier", "ParamGathere
            "is_partitioned"]
 
 RELEASED, INFLIGHT, GATHERED = "released", "inflight", "gathered"
+_OWN_COLLECTIVE = 1 << 16  # whole elements from which a parameter is gathered by a collective of its own
 
 
 @dataclass(eq=False)
@@ -210,6 +211,20 @@ class ParamGatherer:
             return None
         if self.can_read_ahead:  # NVMe: every read of this gather is submitted before the first is waited for
             self.tier.read_ahead(todo)
+        # a large parameter gets a collective of its own, straight into its whole buffer; only small ones
+        # share one (a batch buffer in rank-major order, then copied out per parameter): the batch buffer and
+        # the copies would double the gathered bytes while both exist, and keep a second set of sizes pooled
+        small = [r for r in todo if r.shard_numel * self.parts < _OWN_COLLECTIVE]
+        groups = [[r] for r in todo if r.shard_numel * self.parts >= _OWN_COLLECTIVE] + ([small] if small else [])
+        pending = None
+        for group in groups:  # all started before the first is waited for
+            pending = self._start(group, async_op or len(groups) > 1)
+        if not async_op:
+            self.wait(recs)
+        return pending
+
+    def _start(self, todo: list[Stage3Param], async_op: bool) -> PendingGather:
+        """One collective for `todo` (released parameters); async unless `async_op` is false."""
         total = sum(r.shard_numel for r in todo)
         # one parameter: the output is its whole tensor (exact size, few distinct ones in a model); several:
         # a size class, as prefetch batches vary in size
@@ -241,8 +256,6 @@ class ParamGatherer:
             r.status, r.pending = INFLIGHT, pending
             if not r.persistent:
                 self.live_numel += r.shard_numel * self.parts
-        if not async_op:
-            self.wait(recs)
         return pending
 
     @property
