@@ -210,3 +210,98 @@ def test_stage3_frozen_weights_are_released_after_their_modules_backward() -> No
         # layers 1..3 finished their backward before layer 0's input gradient exists: already released
         assert res["whole_at_end"] == [[False] * 6, [False] * 6]
         assert not any(res["after"])
+
+
+class _FrozenExperts(torch.nn.Module):
+    """MoE blocks marked as z3 leaves whose experts are frozen (only the routers train), then a frozen
+    layer applied to data that needs no gradient and read again by a later module (a tied weight)."""
+
+    def __init__(self, hidden: int = 16, blocks: int = 3) -> None:
+        super().__init__()
+        from ds_train.zero.stage3_testing import MoEBlock
+
+        self.embed = torch.nn.Embedding(64, hidden)
+        self.frozen_in = torch.nn.Embedding(64, hidden)
+        self.tied = torch.nn.Linear(hidden, hidden, bias=False)
+        self.blocks = torch.nn.ModuleList(MoEBlock(hidden, 3) for _ in range(blocks))
+        self.reader = _ReadsWeightOf(self.tied)
+        self.head = torch.nn.Linear(hidden, 64)
+        for p in [*self.frozen_in.parameters(), *self.tied.parameters()]:
+            p.requires_grad_(False)
+        for block in self.blocks:
+            for p in block.experts.parameters():
+                p.requires_grad_(False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        side = self.tied(self.frozen_in(ids))  # needs no gradient: `tied` has no backward of its own here
+        h = self.embed(ids) + side
+        self.first_input = h
+        for block in self.blocks:
+            h = h + block(h)
+        self.reader_input = h
+        return self.head(self.reader(h))
+
+
+class _ReadsWeightOf(torch.nn.Module):
+    def __init__(self, source: torch.nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "source", source)  # not a submodule: its weight is read from outside
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + torch.tanh(torch.nn.functional.linear(h, self.source.weight))
+
+
+def _frozen_leaf_worker() -> dict:
+    import ds_train
+    from ds_core import comm
+    from ds_train.zero import set_z3_leaf_modules
+    from ds_train.zero.stage3_testing import MoEBlock
+
+    world = comm.get_world_size()
+    torch.manual_seed(0)
+    model = _FrozenExperts()
+    torch.manual_seed(0)
+    ref = _FrozenExperts()  # the same weights, whole, trained by torch on the mean gradient of the ranks
+    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    set_z3_leaf_modules(model, [MoEBlock])
+    cfg = stage3_config("fp32", world)
+    cfg["gradient_clipping"] = 0.0
+    cfg["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0}}
+    engine, *_ = ds_train.initialize(model=model, config=cfg)
+    tied_whole, experts_whole, losses, ref_losses = [], [], [], []
+    for step in range(3):  # from the second step on, the recorded-order prefetch runs too
+        ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(step * 10 + comm.get_rank()))
+        logits = engine(ids)
+        # the reader's input gradient exists once its backward is done: the tied weight is no longer needed
+        model.reader_input.register_hook(lambda g: tied_whole.append(model.tied.weight.numel() > 0))
+        # the first block's input gradient comes after blocks 1.. finished every call's backward
+        model.first_input.register_hook(lambda g: experts_whole.append(
+            [p.numel() > 0 for block in model.blocks[1:] for p in block.experts.parameters()]))
+        loss = logits.logsumexp(-1).mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+        ref_loss = ref(ids).logsumexp(-1).mean()
+        ref_loss.backward()
+        for p in ref.parameters():
+            if p.grad is not None:
+                comm.all_reduce(p.grad)
+                p.grad /= world
+        ref_opt.step()
+        ref_opt.zero_grad()
+        ref_losses.append(float(ref_loss))
+    whole_after = [p.numel() > 0 for n, p in model.named_parameters() if not p.requires_grad]
+    engine.destroy()
+    return {"tied_whole": tied_whole, "experts_whole": experts_whole, "after": whole_after,
+            "losses": losses, "ref_losses": ref_losses}
+
+
+def test_stage3_frozen_weights_of_leaves_and_tied_readers_are_released_before_backward_ends() -> None:
+    """Leaf modules' frozen weights once every call's backward is done; a frozen weight read by another
+    module once that module's backward is done (not at the end of backward); same losses as torch."""
+    for res in run_distributed(_frozen_leaf_worker, 2):
+        assert res["tied_whole"] == [False] * 3, res["tied_whole"]
+        assert res["experts_whole"] == [[False] * 24] * 3, res["experts_whole"]
+        assert not any(res["after"])
+        for got, want in zip(res["losses"], res["ref_losses"]):
+            assert abs(got - want) <= LOSS_TOL, (res["losses"], res["ref_losses"])

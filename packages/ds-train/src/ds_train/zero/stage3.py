@@ -17,7 +17,7 @@ fp32 training: 4Ψ/N grads + 4Ψ/N master (= the shard) + 8Ψ/N Adam = 16Ψ/N.
 Frozen parameters (requires_grad=False, in no optimizer group; built under zero.Init or handed over
 whole) are partitioned too, in one extra tier group: 2Ψ_frozen/N per rank (bf16), no master, optimizer
 state or gradient shard. They are gathered per module like the others and released after the module's
-backward; checkpoints keep them in the module file (model_states), as DeepSpeed does.
+backward (`FrozenRelease`); checkpoints keep them in the module file (model_states), as DeepSpeed does.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from ds_train.zero.chunked_step import (
 from ds_train.zero.partition import GroupLayout, build_layout
 from ds_train.zero.stage3_grads import GradReducer, GradShards
 from ds_train.zero.stage3_params import MasterTier, MemoryTier, ParamGatherer, Stage3Param
-from ds_train.zero.stage3_prefetch import PrefetchCoordinator
+from ds_train.zero.stage3_prefetch import FrozenRelease, PrefetchCoordinator
 from ds_train.zero.stage3_state import Stage3StateMixin
 from ds_train.zero.strategy import StepResult, ZeroStrategy, grad_divisor
 
@@ -273,7 +273,10 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
                                    reduce_scatter=self.reduce_scatter)
         self._hooks = list(self.coordinator._hooks)
         self._hooks += [p.register_post_accumulate_grad_hook(self._on_grad) for ps in self.params for p in ps]
-        self._hooks += self._release_frozen_after_module_backward()
+        # frozen weights get no gradient: released when the backward of the modules that read them is done
+        self.frozen_release = FrozenRelease(self.coordinator, self.gatherer, self.frozen_records) \
+            if any(not r.persistent for r in self.frozen_records) else None
+        self._hooks += self.frozen_release.hooks if self.frozen_release is not None else []
         self._refresh_persistent()
         log_dist(f"ZeRO-3: {len(self.records)} parameters partitioned over {self.parts} ranks "
                  f"({sum(1 for r in self.records if r.persistent)} persistent) and {len(self.frozen_records)} "
@@ -344,40 +347,6 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
             records.append(rec)
         return shards
 
-    def _release_frozen_after_module_backward(self) -> list[Any]:
-        """Hooks that release a module's frozen weights once its backward has run.
-
-        Trainable weights are released when their gradient arrives; frozen ones get none, so the signal is
-        the gradient of the module's inputs (computed by the ops that read the weights). Without it every
-        frozen weight the backward gathered would stay whole until the backward ends (`after_backward`,
-        still the fallback: inputs that need no gradient, leaf modules, weights gathered on use).
-        """
-        from ds_train.zero.stage3_prefetch import _LEAF_FLAG
-
-        frozen = {id(r) for r in self.frozen_records if not r.persistent}
-        hooks = []
-        for idx, module in enumerate(self.coordinator.modules):
-            # a leaf's children run depending on the data: releasing (then regathering) there could leave
-            # one rank in a collective another skips
-            recs = [r for r in self.coordinator.module_params[idx] if id(r) in frozen]
-            if recs and not getattr(module, _LEAF_FLAG, False):
-                hooks.append(module.register_forward_hook(self._make_frozen_release(recs)))
-        return hooks
-
-    def _make_frozen_release(self, recs: list[Stage3Param]) -> Callable[..., None]:
-        def release(_grad: torch.Tensor) -> None:
-            for r in recs:
-                if r.users <= 0:
-                    self.gatherer.release(r)
-
-        def post(module: torch.nn.Module, args: Any, output: Any) -> None:
-            if not torch.is_grad_enabled():
-                return
-            inputs = [a for a in _tensors(args) if a.requires_grad]
-            if inputs:
-                torch.autograd.graph.register_multi_grad_hook(inputs, release, mode="any")
-        return post
-
     def _write_frozen(self, offset: int, values: torch.Tensor) -> None:
         """Store frozen weights: into the in-memory flat shard (a MasterTier's write stores nothing), or the tier."""
         flat = self.tier.flat(self.frozen_group)
@@ -417,6 +386,8 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
     def after_backward(self) -> None:
         missing = self.reducer.finish()
         self.coordinator.end_backward()
+        if self.frozen_release is not None:
+            self.frozen_release.end_backward()
         if missing and not self.ignore_unused:
             raise RuntimeError(
                 f"parameters without gradients in this backward: {[r.name for r in missing][:8]}; set "
@@ -585,14 +556,3 @@ def _chunk_ranges(numel: int) -> list[tuple[int, int]]:
     size = chunk_size(numel, _STEP_CHUNK)
     return [(lo, min(numel, lo + size)) for lo in range(0, numel, size)] or [(0, 0)]
 
-
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    """The tensors in a module's positional arguments (nested in lists, tuples and dicts)."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            yield from _tensors(item)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            yield from _tensors(item)

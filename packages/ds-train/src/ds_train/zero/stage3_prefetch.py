@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from ds_train.zero.stage3_params import GATHERED, ParamGatherer, Stage3Param
 
-__all__ = ["PrefetchCoordinator", "set_z3_leaf_modules"]
+__all__ = ["FrozenRelease", "PrefetchCoordinator", "set_z3_leaf_modules"]
 
 _LEAF_FLAG = "_ds3_leaf"
 
@@ -311,3 +311,73 @@ class _GatherOnUse(TorchFunctionMode):
             for item in obj:
                 if isinstance(item, torch.Tensor):
                     self._check(item)
+
+
+class FrozenRelease:
+    """Releases frozen weights (no gradient, so no gradient hook) once the backward that reads them is done.
+
+    The signal is the gradient of a module's inputs, computed by the ops that read its weights. A
+    module's list is read when it runs, so a frozen weight another module reads (a tied weight, gathered
+    on use) is released with that module too. Without this, every frozen weight gathered for backward
+    would stay whole until the backward ends (`after_backward`, still the fallback: a module whose
+    inputs need no gradient).
+
+    A leaf module (`set_z3_leaf_modules`) runs children depending on the data, so a regather of one of
+    them would leave one rank in a collective another skips: its frozen weights are released only once
+    the backward of every call of the leaf in this forward is complete (all of each call's input
+    gradients), and kept whole when some call's inputs need no gradient.
+    """
+
+    def __init__(self, coordinator: PrefetchCoordinator, gatherer: ParamGatherer, frozen: list[Stage3Param]) -> None:
+        self.coordinator, self.gatherer = coordinator, gatherer
+        self.frozen = {id(r) for r in frozen if not r.persistent}
+        self.pending: dict[int, int] = {}  # leaf index -> calls whose backward has not finished
+        self.blocked: set[int] = set()  # leaves with a call whose end backward cannot observe
+        self.hooks = [m.register_forward_hook(self._make_post(idx, getattr(m, _LEAF_FLAG, False)))
+                      for idx, m in enumerate(coordinator.modules)]
+
+    def _recs(self, idx: int) -> list[Stage3Param]:
+        return [r for r in self.coordinator.module_params[idx] if id(r) in self.frozen]
+
+    def _make_post(self, idx: int, leaf: bool):
+        def post(module: torch.nn.Module, args: Any, output: Any) -> None:
+            if not torch.is_grad_enabled() or not self._recs(idx):
+                return
+            inputs = [a for a in _tensors(args) if a.requires_grad]
+            if not leaf:
+                if inputs:
+                    recs = self._recs(idx)
+                    torch.autograd.graph.register_multi_grad_hook(inputs, lambda _g: self._release(recs), mode="any")
+                return
+            if not inputs:
+                self.blocked.add(idx)
+                return
+            self.pending[idx] = self.pending.get(idx, 0) + 1
+            torch.autograd.graph.register_multi_grad_hook(inputs, lambda _g: self._leaf_done(idx), mode="all")
+        return post
+
+    def _leaf_done(self, idx: int) -> None:
+        self.pending[idx] -= 1
+        if self.pending[idx] == 0 and idx not in self.blocked:
+            self._release(self._recs(idx))
+
+    def _release(self, recs: list[Stage3Param]) -> None:
+        for r in recs:
+            if r.users <= 0:
+                self.gatherer.release(r)
+
+    def end_backward(self) -> None:
+        self.pending.clear()
+        self.blocked.clear()
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """The tensors in a module's positional arguments (nested in lists, tuples and dicts)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
