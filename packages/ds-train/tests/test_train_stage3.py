@@ -153,16 +153,22 @@ def test_stage3_with_deep_prefetch_reuse_and_persistence_matches_reference(model
     _check_against_reference(results, "fp32", 2, model, AWKWARD_STEPS[model])
 
 
-def _native_collectives(dtype: str, offload: str) -> tuple:
-    cfg = stage3_config(dtype, 2, offload=offload, reduce_scatter=True, allgather_partitions=True)
-    return train_engine(cfg, "tiny", 0, STEPS)
+def _with_collectives(dtype: str, offload: str, zero: dict) -> tuple:
+    return train_engine(stage3_config(dtype, 2, offload=offload, **zero), "tiny", 0, STEPS)
 
 
-@pytest.mark.parametrize("dtype,offload", [("fp32", "none"), ("bf16", "cpu")])
-def test_stage3_native_reduce_scatter_and_all_gather_match_reference(dtype: str, offload: str) -> None:
+NATIVE = {"reduce_scatter": True, "allgather_partitions": True}
+
+
+@pytest.mark.parametrize("dtype,offload,zero", [
+    ("fp32", "none", NATIVE), ("bf16", "cpu", NATIVE),
+    # each bucket reduced as soon as it is complete, not overlapped: both paths
+    ("fp32", "none", {**NATIVE, "overlap_comm": False}), ("bf16", "none", {"overlap_comm": False}),
+])
+def test_stage3_native_reduce_scatter_and_all_gather_match_reference(dtype: str, offload: str, zero: dict) -> None:
     """reduce_scatter/allgather_partitions=true: the native collectives (gloo's unset default is the
     all-reduce/broadcast path, which the other tests cover); same tolerances."""
-    results = run_distributed(_native_collectives, 2, dtype, offload)
+    results = run_distributed(_with_collectives, 2, dtype, offload, zero)
     _check_against_reference(results, dtype, 2)
 
 
