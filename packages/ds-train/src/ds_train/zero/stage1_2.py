@@ -32,6 +32,7 @@ from ds_train.zero.chunked_step import (
     usable_as_is,
 )
 from ds_train.zero.chunked_step import is_state_tensor as _is_state_tensor
+from ds_train.zero.grad_staging import StagingBuffers
 from ds_train.zero.partition import Bucket, GroupLayout, build_layout
 from ds_train.zero.shard_checkpoint import group_meta, shard_from_full
 from ds_train.zero.strategy import ShardReader, StepResult, ZeroStrategy, grad_divisor
@@ -168,7 +169,7 @@ class ZeroStage012(ZeroStrategy):
         self._order = [(gi, bi) for gi in reversed(range(len(self._layouts)))
                        for bi in reversed(range(len(self._layouts[gi].buckets)))]
         self._sync = False
-        self._pool: dict[int, list[torch.Tensor]] = {}  # stage 2: free staging buffers by size
+        self._staging = StagingBuffers(self._layouts, grad_dtype, device)  # stage 2 only
         self._first_micro = True  # stage 2: the first micro step writes its piece instead of adding
         self._reset_backward_state()
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for ps in self.params for p in ps]
@@ -256,7 +257,7 @@ class ZeroStage012(ZeroStrategy):
         self._remaining = [[b.last_param - b.first_param for b in layout.buckets] for layout in self._layouts]
         self._ready: set[tuple[int, int]] = set()
         self._next = 0  # index into self._order of the next bucket to launch
-        self._staging: dict[tuple[int, int], torch.Tensor] = {}
+        self._staging.clear_live()
         self._pending: list[_Pending] = []
         self._seen: set[int] = set()
 
@@ -277,7 +278,7 @@ class ZeroStage012(ZeroStrategy):
         elif self.stage <= 1:
             self.grad_full[gi][slot.offset : slot.end].view(slot.shape).add_(grad)
         else:
-            self._staging_buffer(gi, bi)[slot.offset - self._layouts[gi].buckets[bi].start :][: slot.numel].copy_(
+            self._staging.get(gi, bi)[slot.offset - self._layouts[gi].buckets[bi].start :][: slot.numel].copy_(
                 grad.reshape(-1)
             )
         if view is None:
@@ -289,21 +290,6 @@ class ZeroStage012(ZeroStrategy):
         if self._remaining[gi][bi] == 0:
             self._ready.add((gi, bi))
             self._launch_ready()
-
-    def _staging_buffer(self, gi: int, bi: int) -> torch.Tensor:
-        """Stage 2: the bucket-sized buffer gradients are copied into, reused from a small pool."""
-        buf = self._staging.get((gi, bi))
-        if buf is None:
-            n = self._layouts[gi].buckets[bi].numel
-            free = self._pool.get(n)
-            buf = free.pop().zero_() if free else torch.zeros(n, dtype=self.grad_dtype, device=self.device)
-            self._staging[(gi, bi)] = buf
-        return buf
-
-    def _release_staging(self, gi: int, bi: int) -> None:
-        buf = self._staging.pop((gi, bi), None)
-        if buf is not None:
-            self._pool.setdefault(buf.numel(), []).append(buf)
 
     def _launch_ready(self, force: bool = False) -> None:
         if not self._sync and self.stage <= 1:
@@ -328,8 +314,7 @@ class ZeroStage012(ZeroStrategy):
             for pending in self._pending:
                 pending.wait()
             self._pending = []
-            for key in list(self._staging):
-                self._release_staging(*key)
+            self._staging.release_all()
             if self.stage == 2:
                 self._first_micro = False
 
@@ -350,11 +335,12 @@ class ZeroStage012(ZeroStrategy):
         if self.stage <= 1:
             src = self.grad_full[gi][b.start : b.end]
         else:
-            src = self._staging_buffer(gi, bi)
+            src = self._staging.zero_unwritten(gi, bi, [si for si in range(b.first_param, b.last_param)
+                                                        if id(self.params[gi][si]) not in self._seen])
         if self.world == 1:
             if self.stage == 2:
                 self._accumulate_piece(gi, b, src)
-                self._release_staging(gi, bi)
+                self._staging.release(gi, bi)
             return
         send = src if self.comm_dtype in (None, src.dtype) else src.to(self.comm_dtype)
         if pre != 1.0:
@@ -383,7 +369,7 @@ class ZeroStage012(ZeroStrategy):
         def finish_and_release() -> None:
             finish()
             if self.stage == 2:
-                self._release_staging(gi, bi)
+                self._staging.release(gi, bi)
 
         pending = _Pending(work if self.overlap_comm else None, finish_and_release)
         if self.overlap_comm:
