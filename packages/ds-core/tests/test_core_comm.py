@@ -141,3 +141,35 @@ def test_prefers_allreduce_on_gloo_only() -> None:
     (tools/bench/bench_gloo_collectives.py): the ZeRO strategies ask this to choose."""
     assert not comm.prefers_allreduce()  # no process group in this process
     assert run_distributed(_prefers_allreduce, 2) == [True, True]
+
+
+def _gather_by_broadcast(async_op: bool) -> tuple[list[float], dict]:
+    rank, world = comm.get_rank(), comm.get_world_size()
+    out = torch.zeros(world * 3)
+    out[rank * 3 : (rank + 1) * 3] = torch.arange(3) + 10.0 * rank
+    comm.comms_logger.configure(enabled=True)
+    comm.comms_logger.reset()
+    work = comm.all_gather_by_broadcast(out, async_op=async_op)
+    if async_op:
+        work.wait()
+    totals = comm.comms_logger.totals()
+    comm.comms_logger.configure(enabled=False)
+    return out.tolist(), {op: rec["count"] for op, rec in totals.items()}
+
+
+@pytest.mark.parametrize("async_op", [False, True])
+def test_all_gather_by_broadcast_matches_all_gather(async_op: bool) -> None:
+    want = [float(v + 10 * r) for r in range(3) for v in range(3)]
+    for got, ops in run_distributed(_gather_by_broadcast, 3, async_op):
+        assert got == want
+        assert ops == {"broadcast": 3}  # logged as what it is, one broadcast per rank
+    for message in run_distributed(_bad_split, 2):
+        assert "5 elements do not split into 2 pieces" in message
+
+
+def _bad_split() -> str:
+    try:
+        comm.all_gather_by_broadcast(torch.zeros(5))
+    except ValueError as exc:
+        return str(exc)
+    return "no error"

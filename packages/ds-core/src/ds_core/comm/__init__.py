@@ -8,6 +8,7 @@ from ds_core.comm.collectives import (
     ProcessGroup,
     ReduceOp,
     all_gather,
+    all_gather_by_broadcast,
     all_gather_into_tensor,
     all_gather_object,
     all_reduce,
@@ -39,8 +40,8 @@ from ds_core.comm.logger import CommsLogger, comms_logger
 
 __all__ = [
     "CommsLogger", "LaunchEnv", "LaunchEnvError", "P2POp", "ProcessGroup", "ReduceOp",
-    "all_gather", "all_gather_into_tensor", "all_gather_object", "all_reduce", "all_to_all",
-    "all_to_all_single", "barrier", "batch_isend_irecv", "broadcast", "broadcast_object_list",
+    "all_gather", "all_gather_by_broadcast", "all_gather_into_tensor", "all_gather_object", "all_reduce",
+    "all_to_all", "all_to_all_single", "barrier", "batch_isend_irecv", "broadcast", "broadcast_object_list",
     "comms_logger", "destroy_process_group", "discover_launch_env", "force_fallback", "free_port",
     "get_global_rank", "get_local_rank", "get_rank", "get_world_size", "init_distributed", "irecv",
     "is_initialized", "isend", "new_group", "prefers_allreduce", "recv", "reduce_scatter",

@@ -35,7 +35,7 @@ from ds_train.zero.chunked_step import is_state_tensor as _is_state_tensor
 from ds_train.zero.grad_staging import StagingBuffers
 from ds_train.zero.partition import Bucket, GroupLayout, build_layout
 from ds_train.zero.shard_checkpoint import group_meta, shard_from_full
-from ds_train.zero.strategy import ShardReader, StepResult, ZeroStrategy, grad_divisor
+from ds_train.zero.strategy import ShardReader, StepResult, ZeroStrategy, grad_divisor, pick_collectives
 
 __all__ = ["ZeroStage012"]
 
@@ -96,10 +96,7 @@ class ZeroStage012(ZeroStrategy):
         self.dtype, self.grad_dtype, self.comm_dtype = dtype, grad_dtype, comm_dtype
         self.device = device
         self.overlap_comm = overlap_comm
-        # unset: whichever the backend runs faster (gloo: in-place all-reduce of our own bucket, broadcasts)
-        native = not comm.prefers_allreduce(group)
-        self.reduce_scatter = native if reduce_scatter is None else reduce_scatter
-        self.allgather_partitions = native if allgather_partitions is None else allgather_partitions
+        self.reduce_scatter, self.allgather_partitions = pick_collectives(group, reduce_scatter, allgather_partitions)
         self.allgather_bucket_size = allgather_bucket_size
         self.offload = offload_optimizer
         self.pin_memory = pin_memory
@@ -456,10 +453,7 @@ class ZeroStage012(ZeroStrategy):
         for b in layout.buckets:
             size = layout.piece_size(b)
             if not self.allgather_partitions:
-                for r in range(self.parts):
-                    lo, hi = layout.piece_range(b, r)
-                    src = comm.get_global_rank(self.group, r) if self.group is not None else r
-                    works.append(comm.broadcast(flat[lo:hi], src, group=self.group, async_op=True))
+                works.append(comm.all_gather_by_broadcast(flat[b.start : b.end], group=self.group, async_op=True))
                 continue
             # at most allgather_bucket_size elements per call: split the pieces into chunks
             step = max(1, self.allgather_bucket_size // self.parts)

@@ -44,7 +44,7 @@ from ds_train.zero.stage3_grads import GradReducer, GradShards
 from ds_train.zero.stage3_params import MasterTier, MemoryTier, ParamGatherer, Stage3Param
 from ds_train.zero.stage3_prefetch import FrozenRelease, PrefetchCoordinator
 from ds_train.zero.stage3_state import Stage3StateMixin
-from ds_train.zero.strategy import StepResult, ZeroStrategy, grad_divisor
+from ds_train.zero.strategy import StepResult, ZeroStrategy, grad_divisor, pick_collectives
 
 __all__ = ["ZeroStage3", "Stage3Options"]
 
@@ -136,12 +136,9 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
         self.world = comm.get_world_size(group) if comm.is_initialized() else 1
         self.rank = comm.get_rank(group) if comm.is_initialized() else 0
         self.parts = self.world
-        # unset: whichever the backend runs faster on buffers we own (gloo: an in-place all-reduce of each
-        # gradient bucket, keeping this rank's row; one broadcast per rank's piece of a gather); true: the
-        # native reduce-scatter / all-gather; false: the substitute, as at stages 1/2
-        native = not comm.prefers_allreduce(group)
-        self.reduce_scatter = native if reduce_scatter is None else reduce_scatter
-        self.allgather_partitions = native if allgather_partitions is None else allgather_partitions
+        # gloo by default: an in-place all-reduce of each gradient bucket keeping this rank's row, and one
+        # broadcast per rank's piece of a gather (see pick_collectives)
+        self.reduce_scatter, self.allgather_partitions = pick_collectives(group, reduce_scatter, allgather_partitions)
         self.dtype, self.device = dtype, device
         self.grad_dtype = grad_dtype
         self.ignore_unused = ignore_unused_parameters
@@ -481,14 +478,10 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
         full = torch.empty(shard.numel() * self.parts, dtype=shard.dtype, device=shard.device)
         if self.allgather_partitions:
             comm.all_gather_into_tensor(full, shard.contiguous(), group=self.group)
-            return full
-        n = shard.numel()
-        full[self.rank * n : (self.rank + 1) * n].copy_(shard)
-        works = [comm.broadcast(full[r * n : (r + 1) * n], comm.get_global_rank(self.group, r), group=self.group,
-                                async_op=True) for r in range(self.parts)]
-        for w in works:
-            if w is not None:
-                w.wait()
+        else:
+            n = shard.numel()
+            full[self.rank * n : (self.rank + 1) * n].copy_(shard)
+            comm.all_gather_by_broadcast(full, group=self.group)
         return full
 
     @contextlib.contextmanager

@@ -156,19 +156,6 @@ class PendingGather:
             self.pool.give(buf)
 
 
-class _AllWorks:
-    """Several async collectives waited for as one (the per-rank broadcasts of one gather)."""
-
-    def __init__(self, works: list[Any]) -> None:
-        self.works = works
-
-    def wait(self) -> None:
-        works, self.works = self.works, []
-        for w in works:
-            if w is not None:
-                w.wait()
-
-
 def _install(rec: Stage3Param, full: torch.Tensor) -> None:
     rec.full = full
     rec.param.data = full[: rec.numel].view(rec.shape)
@@ -185,8 +172,6 @@ class ParamGatherer:
         self.allgather = allgather  # false: one broadcast per rank of its piece, into the same output
         self.parts = comm.get_world_size(group) if comm.is_initialized() else 1
         self.rank = comm.get_rank(group) if comm.is_initialized() else 0
-        self.sources = [comm.get_global_rank(group, r) for r in range(self.parts)] if comm.is_initialized() \
-            else [0]
         self.live_numel = 0  # elements of non-persistent parameters currently whole (or in flight)
         self.by_storage: dict[int, Stage3Param] = {}  # data_ptr of a whole buffer -> record
         self.busy = 0  # > 0 while this class runs tensor ops of its own (the gather-on-use mode skips them)
@@ -244,10 +229,7 @@ class ParamGatherer:
         else:
             # (the work objects hold views of `out`: only the pending gather may keep them, so that the
             # buffer can go back to the pool once they are waited for)
-            work = _AllWorks([comm.broadcast(out[r * total : (r + 1) * total], src, group=self.group,
-                                             async_op=True) for r, src in enumerate(self.sources)])
-            if not async_op:
-                work.wait()
+            work = comm.all_gather_by_broadcast(out, group=self.group, async_op=async_op)
             pending = PendingGather(todo, out, work if async_op else None, self.parts, self.pool)
             del work
         pending.buf = buf

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from ds_core import comm
 
 from ds_train.zero.partition import GroupLayout
 
@@ -30,6 +31,15 @@ class StepResult:
 
     overflow: bool
     grad_norm: float | None
+
+
+def pick_collectives(group: Any, reduce_scatter: bool | None, allgather_partitions: bool | None) -> tuple[bool, bool]:
+    """(reduce-scatter gradients?, all-gather parameters?) from the config's switches. Unset means the
+    backend's faster collective on buffers the strategy owns: native, except where
+    `comm.prefers_allreduce` (gloo) says an in-place all-reduce and per-rank broadcasts win."""
+    native = not comm.prefers_allreduce(group)
+    return (native if reduce_scatter is None else reduce_scatter,
+            native if allgather_partitions is None else allgather_partitions)
 
 
 def grad_divisor(norm: float, loss_scale: float, clip_norm: float) -> float:
