@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-import time
 
 import pytest
 import torch
 from ds_core.testing import run_distributed
 from ds_train.testing import make_batch, reference_train
-from ds_train.zero.stage3_testing import hf_model, stage3_config
+from ds_train.zero.stage3_testing import PeakMemory, hf_model, stage3_config
 
 
 def _save(kind: str, path: str, seed: int = 3, **save_kwargs) -> None:
@@ -186,41 +184,6 @@ def test_from_pretrained_under_zero_init_trains_like_the_plain_model(tmp_path, k
 
 
 # -- memory --------------------------------------------------------------------------------------------
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
-class _PeakAnon:
-    """Samples this process's anonymous resident set (its private memory) every millisecond."""
-
-    def __enter__(self) -> _PeakAnon:
-        self.start = self.peak = _status("RssAnon:")
-        self.file_start = self.file_peak = _status("RssFile:")
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop:
-            self.peak = max(self.peak, _status("RssAnon:"))
-            self.file_peak = max(self.file_peak, _status("RssFile:"))
-            time.sleep(0.001)
-
-    def __exit__(self, *exc) -> None:
-        self._stop = True
-        self._thread.join()
-        self.peak = max(self.peak, _status("RssAnon:"))
-
-    @property
-    def gained(self) -> int:
-        return self.peak - self.start
-
-
 def _memory_worker(path: str) -> dict:
     import gc
 
@@ -234,14 +197,14 @@ def _memory_worker(path: str) -> dict:
     with Init(config=cfg):  # warm-up: the first load imports the model's code (tens of MB, once)
         transformers.AutoModelForCausalLM.from_pretrained(path)
     gc.collect()
-    with _PeakAnon() as under_init:
+    with PeakMemory() as under_init:
         with Init(config=cfg):
             model = transformers.AutoModelForCausalLM.from_pretrained(path)
     held = sum(p.ds3.init_shard.numel() * 4 for p in model.parameters())
     del model
     gc.collect()
     # control: a plain load that reads the files into memory (a plain mmap load stays lazily file-backed)
-    with _PeakAnon() as plain:
+    with PeakMemory() as plain:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, disable_mmap=True)
     del model
     gc.collect()

@@ -10,13 +10,11 @@ bound, 0.7 of the model), where every rank gained the whole model before (the co
 from __future__ import annotations
 
 import os
-import threading
-import time
 
 import pytest
 import torch
 from ds_core.testing import run_distributed
-from ds_train.zero.stage3_testing import hf_model, stage3_config
+from ds_train.zero.stage3_testing import PeakMemory, hf_model, stage3_config
 
 
 def _save_legacy(model: torch.nn.Module, path: str) -> None:
@@ -155,35 +153,6 @@ def test_corrupt_legacy_bin_under_zero_init_is_one_clear_error_on_every_rank(tmp
 
 
 # -- memory --------------------------------------------------------------------------------------------
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
-class _PeakAnon:
-    """Samples this process's anonymous resident set (its private memory) every millisecond."""
-
-    def __enter__(self) -> _PeakAnon:
-        self.start = self.peak = _status("RssAnon:")
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop:
-            self.peak = max(self.peak, _status("RssAnon:"))
-            time.sleep(0.001)
-
-    def __exit__(self, *exc) -> None:
-        self._stop = True
-        self._thread.join()
-        self.peak = max(self.peak, _status("RssAnon:"))
-
-
 def _memory_worker(path: str, warm: str, fmt: str, route: bool) -> int:
     import ctypes
     import gc
@@ -205,7 +174,7 @@ def _memory_worker(path: str, warm: str, fmt: str, route: bool) -> int:
     if not route:  # the control: transformers' reader as it is (every rank reads the whole file)
         hf_read_once_per_node.UnmappableReaders.install_available = lambda self: None
     try:
-        with _PeakAnon() as meter:
+        with PeakMemory() as meter:
             with Init(config=cfg):
                 model = transformers.AutoModelForCausalLM.from_pretrained(path, **_kwargs(fmt))
     finally:

@@ -6,6 +6,8 @@ each other and `run_distributed` workers must import the functions they run.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -215,3 +217,43 @@ def peak_rss_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+class PeakMemory:
+    """Peaks of this process's private (RssAnon) and file-backed (RssFile) resident memory while the
+    block runs, sampled every millisecond on a thread (Linux)."""
+
+    def __enter__(self) -> PeakMemory:
+        self.start = self.peak = _status_bytes("RssAnon:")
+        self.file_start = self.file_peak = _status_bytes("RssFile:")
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        self.peak = max(self.peak, _status_bytes("RssAnon:"))
+        self.file_peak = max(self.file_peak, _status_bytes("RssFile:"))
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._sample()
+            time.sleep(0.001)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._thread.join()
+        self._sample()
+
+    @property
+    def gained(self) -> int:
+        """Private memory gained at the peak."""
+        return self.peak - self.start
