@@ -347,11 +347,13 @@ class ZeroStage012(ZeroStrategy):
             work = comm.all_reduce(send, group=self.group, async_op=self.overlap_comm)
 
             def finish() -> None:
+                # stage 2 keeps only this rank's piece of the reduced bucket: scale (and cast) just that
+                keep = slice(lo - b.start, hi - b.start) if self.stage == 2 else slice(None)
                 if send is not src:
-                    src.copy_(send)
-                src.mul_(post)
+                    src[keep].copy_(send[keep])
+                src[keep].mul_(post)
                 if self.stage == 2:
-                    self._accumulate_piece(gi, b, src[lo - b.start : hi - b.start])
+                    self._accumulate_piece(gi, b, src[keep])
         else:
             out = torch.empty(hi - lo, dtype=send.dtype, device=send.device)
             work = comm.reduce_scatter_tensor(out, send, group=self.group, async_op=self.overlap_comm)
