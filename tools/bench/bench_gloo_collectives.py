@@ -1,5 +1,6 @@
-"""gloo's reduce-scatter and all-gather against the in-place all-reduce and per-rank broadcasts that
-ds_core.comm.prefers_allreduce() picks instead, on 2 ranks, one bucket (default 6.5M fp32 elements, the
+"""gloo's reduce-scatter and all-gather against what ds_core.comm.prefers_point_to_point() picks instead
+(reduce-scatter by point-to-point sends, comm.reduce_scatter_by_sends; one broadcast per rank) and
+against an in-place all-reduce (what a reduce-scatter must beat), on 2 ranks, one bucket (default 6.5M fp32 elements, the
 ZeRO benches' reduce_bucket_size), in the same run: median time over interleaved rounds and the peak RSS
 each collective adds. Prints one JSON line per pair with the time ratio (native / substitute).
 
@@ -18,6 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ds_core import comm
 
 
 def _rss_mib() -> float:
@@ -40,6 +42,10 @@ def _worker(rank: int, port: int, numel: int, rounds: int, dtype_name: str) -> N
         dist.all_reduce(buf)
         out.copy_(buf[rank * half:(rank + 1) * half])
 
+    def sends() -> None:
+        comm.reduce_scatter_by_sends(buf)
+        out.copy_(buf[rank * half:(rank + 1) * half])
+
     def all_gather() -> None:
         dist.all_gather_into_tensor(buf, buf[rank * half:(rank + 1) * half])
 
@@ -48,12 +54,12 @@ def _worker(rank: int, port: int, numel: int, rounds: int, dtype_name: str) -> N
         for w in works:
             w.wait()
 
-    cases = {"reduce_scatter": reduce_scatter, "all_reduce_in_place": all_reduce_in_place,
+    cases = {"reduce_scatter": reduce_scatter, "sends": sends, "all_reduce_in_place": all_reduce_in_place,
              "all_gather": all_gather, "broadcasts": broadcasts}
     times: dict[str, list[float]] = {k: [] for k in cases}
     rss_added: dict[str, float] = {}
     # the substitutes first: their RSS growth is measured before the native ones raise the high-water mark
-    for name in ("all_reduce_in_place", "broadcasts", "reduce_scatter", "all_gather"):
+    for name in ("sends", "all_reduce_in_place", "broadcasts", "reduce_scatter", "all_gather"):
         before = _rss_mib()
         cases[name]()
         rss_added[name] = _rss_mib() - before
@@ -70,7 +76,8 @@ def _worker(rank: int, port: int, numel: int, rounds: int, dtype_name: str) -> N
     if rank == 0:
         m = dict(zip(cases, med.tolist()))
         r = dict(zip(cases, rss.tolist()))
-        for native, substitute in (("reduce_scatter", "all_reduce_in_place"), ("all_gather", "broadcasts")):
+        for native, substitute in (("reduce_scatter", "sends"), ("all_reduce_in_place", "sends"),
+                                   ("all_gather", "broadcasts")):
             print(json.dumps({
                 "bench": "gloo_collectives", "dtype": dtype_name, "numel": numel, "world": 2,
                 "native": native, "substitute": substitute,

@@ -9,7 +9,7 @@ Communication: elements moved by the all-gathers and reduce-scatters of one trai
 gather, backward gather, reduce-scatter), measured with the native collectives set explicitly
 (`reduce_scatter: true`, `allgather_partitions: true`): on gloo the unset default substitutes an
 in-place all-reduce of each gradient bucket and one broadcast per rank's piece of a gather
-(ds_core.comm.prefers_allreduce). A second run with that default reports the elements handed to its
+(ds_core.comm.prefers_point_to_point). A second run with that default reports the elements handed to its
 collectives (`substitute_*`: all_reduce + broadcast; the all-reduce count also holds the step's few
 scalar norm/overflow reductions). Those are 3Ψ too, but a ring all-reduce puts 2(N-1)/N of its buffer
 on the wire per rank against (N-1)/N for a reduce-scatter: gloo's faster path trades wire volume for

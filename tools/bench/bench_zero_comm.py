@@ -9,7 +9,7 @@ baseline; it moves the same 2 Psi (N-1)/N. Prints one JSON line per (stage, N, c
 - "native": reduce_scatter and allgather_partitions set true (DeepSpeed's collectives), which the theory
   describes; this is the line to hold against the 5% target;
 - "default": both unset, so on gloo the engine all-reduces each gradient bucket in place and gathers with
-  one broadcast per rank (ds_core.comm.prefers_allreduce: faster there); it moves more elements.
+  one broadcast per rank (ds_core.comm.prefers_point_to_point: faster there); it moves more elements.
 
     .venv/bin/python tools/bench/bench_zero_comm.py
 """

@@ -132,15 +132,15 @@ def test_comms_logger_summary_has_a_row_per_op():
     assert not log.wants("all_reduce")
 
 
-def _prefers_allreduce() -> bool:
-    return comm.prefers_allreduce()
+def _prefers_point_to_point() -> bool:
+    return comm.prefers_point_to_point()
 
 
-def test_prefers_allreduce_on_gloo_only() -> None:
+def test_prefers_point_to_point_on_gloo_only() -> None:
     """gloo's reduce-scatter/all-gather are slower than an in-place all-reduce/broadcasts
     (tools/bench/bench_gloo_collectives.py): the ZeRO strategies ask this to choose."""
-    assert not comm.prefers_allreduce()  # no process group in this process
-    assert run_distributed(_prefers_allreduce, 2) == [True, True]
+    assert not comm.prefers_point_to_point()  # no process group in this process
+    assert run_distributed(_prefers_point_to_point, 2) == [True, True]
 
 
 def _gather_by_broadcast(async_op: bool) -> tuple[list[float], dict]:
@@ -165,6 +165,49 @@ def test_all_gather_by_broadcast_matches_all_gather(async_op: bool) -> None:
         assert ops == {"broadcast": 3}  # logged as what it is, one broadcast per rank
     for message in run_distributed(_bad_split, 2):
         assert "5 elements do not split into 2 pieces" in message
+
+
+def _reduce_scatter_by_sends(async_op: bool, reuse: bool, dtype: torch.dtype) -> tuple:
+    rank, world = comm.get_rank(), comm.get_world_size()
+    buf = (torch.arange(world * 4, dtype=torch.float32) * (rank + 1)).to(dtype)
+    before = buf.clone()
+    received = torch.full(((world - 1) * 4,), float("nan"), dtype=dtype) if reuse else None
+    comm.comms_logger.configure(enabled=True)
+    comm.comms_logger.reset()
+    work = comm.reduce_scatter_by_sends(buf, async_op=async_op, received=received)
+    if async_op:
+        work.wait()
+    totals = comm.comms_logger.totals()
+    comm.comms_logger.configure(enabled=False)
+    mine = slice(rank * 4, (rank + 1) * 4)
+    others_untouched = torch.equal(torch.cat([buf[: mine.start], buf[mine.stop :]]),
+                                   torch.cat([before[: mine.start], before[mine.stop :]]))
+    return buf[mine].float().tolist(), others_untouched, {op: rec["count"] for op, rec in totals.items()}
+
+
+@pytest.mark.parametrize("async_op,reuse,dtype", [(False, False, torch.float32), (True, True, torch.float32),
+                                                  (True, False, torch.bfloat16)])
+def test_reduce_scatter_by_sends_matches_reduce_scatter(async_op: bool, reuse: bool, dtype: torch.dtype) -> None:
+    world = 3
+    total = sum(r + 1 for r in range(world))  # every rank's buffer is arange * (rank + 1)
+    for rank, (piece, others_untouched, ops) in enumerate(run_distributed(_reduce_scatter_by_sends, world,
+                                                                          async_op, reuse, dtype)):
+        assert piece == [float(v * total) for v in range(rank * 4, (rank + 1) * 4)]
+        assert others_untouched  # only this rank's piece is written
+        assert ops == {"reduce_scatter_by_sends": 1}
+
+
+def _bad_received() -> str:
+    try:
+        comm.reduce_scatter_by_sends(torch.zeros(4), received=torch.zeros(3))
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_reduce_scatter_by_sends_rejects_a_wrong_buffer() -> None:
+    for message in run_distributed(_bad_received, 2):
+        assert "`received` must hold 1 x 2" in message
 
 
 def _bad_split() -> str:

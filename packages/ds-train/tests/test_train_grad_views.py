@@ -1,7 +1,9 @@
 """Stages 0/1: each parameter's .grad is its view of the engine's gradient buffer, so autograd accumulates
-in place. After a boundary backward, p.grad is the gradient averaged over ranks and micro steps (fp32:
-within 1e-6 of a single-process computation), no new gradient tensor was allocated, and a .grad the
-user replaced or dropped mid-accumulation is folded back into the buffer."""
+in place. After a boundary backward, p.grad is the gradient averaged over ranks and micro steps when the
+buckets are all-reduced (stage 0, stage 1 with reduce_scatter=false; fp32: within 1e-6 of a
+single-process computation), no new gradient tensor was allocated, and a .grad the user replaced or
+dropped mid-accumulation is folded back into the buffer. A stage-1 reduce-scatter (the default) reduces
+only this rank's piece of p.grad, as in DeepSpeed."""
 from __future__ import annotations
 
 import ds_train
@@ -22,9 +24,12 @@ def _reference_grads(world: int) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _run(stage: int, drop_grad: bool) -> dict:
+def _run(stage: int, drop_grad: bool, reduce_scatter: bool | None = None) -> dict:
     rank, world = comm.get_rank(), comm.get_world_size()
-    engine, *_ = ds_train.initialize(model=make_model(), config=engine_config(stage, "fp32", GA, world))
+    cfg = engine_config(stage, "fp32", GA, world)
+    if reduce_scatter is not None:
+        cfg["zero_optimization"]["reduce_scatter"] = reduce_scatter
+    engine, *_ = ds_train.initialize(model=make_model(), config=cfg)
     views = {n: p.grad for n, p in engine.module.named_parameters()}
     for micro in range(GA):
         ids = make_batch(0, micro, rank)
@@ -41,12 +46,14 @@ def _run(stage: int, drop_grad: bool) -> dict:
 
 
 def test_grads_are_views_of_the_reduced_buffer() -> None:
-    for stage in (0, 1):
-        ref = _reference_grads(2)
-        for rank, res in enumerate(run_distributed(_run, 2, stage, False)):
-            assert res["same_tensors"], f"stage {stage} rank {rank}: p.grad is not the buffer view any more"
-            for n, g in res["grads"].items():
-                assert torch.allclose(g, ref[n], atol=1e-6, rtol=0), f"stage {stage} rank {rank} {n}"
+    ref = _reference_grads(2)
+    for stage, reduce_scatter in ((0, None), (1, False), (1, None)):
+        for rank, res in enumerate(run_distributed(_run, 2, stage, False, reduce_scatter)):
+            case = f"stage {stage} reduce_scatter={reduce_scatter} rank {rank}"
+            assert res["same_tensors"], f"{case}: p.grad is not the buffer view any more"
+            if stage == 0 or reduce_scatter is False:  # all-reduced: p.grad itself is the average
+                for n, g in res["grads"].items():
+                    assert torch.allclose(g, ref[n], atol=1e-6, rtol=0), f"{case}: p.grad {n}"
             assert res["max_after_step"] == 0.0, "gradients must be zero after the step"
 
 

@@ -193,19 +193,20 @@ def _collectives_used(setting: bool | None) -> dict:
         comm.comms_logger.configure(enabled=False)
         engine.destroy()
     s = engine.strategy
-    return {"ops": ops, "flags": (s.reduce_scatter, s.allgather_partitions, s.reducer.reduce_scatter,
-                                  s.gatherer.allgather), "describe": s.describe()}
+    return {"ops": ops, "flags": (s.reduce, s.reducer.reduce, s.allgather_partitions, s.gatherer.allgather),
+            "describe": s.describe()}
 
 
 def test_stage3_collective_choice_unset_native_and_substitute() -> None:
-    """Unset on gloo: in-place all-reduce of the gradient buckets and per-rank broadcasts (gloo's native
-    ones go through whole-size temporaries); true: reduce-scatter and all-gather; false: as unset here."""
-    for setting, flags in ((None, (False,) * 4), (True, (True,) * 4), (False, (False,) * 4)):
+    """Unset on gloo: gradient buckets reduce-scattered by point-to-point sends and per-rank broadcasts
+    (gloo's native ones go through whole-size temporaries); true: reduce-scatter and all-gather; false:
+    all-reduce (DeepSpeed's meaning) and broadcasts."""
+    cases = {None: (("sends",) * 2 + (False,) * 2, {"reduce_scatter_by_sends", "broadcast"}),
+             True: (("reduce_scatter",) * 2 + (True,) * 2, {"reduce_scatter_tensor", "all_gather_into_tensor"}),
+             False: (("all_reduce",) * 2 + (False,) * 2, {"all_reduce", "broadcast"})}
+    gradient_ops = {"reduce_scatter_by_sends", "reduce_scatter_tensor", "all_gather_into_tensor"}
+    for setting, (flags, ops) in cases.items():
         for res in run_distributed(_collectives_used, 2, setting):
             assert res["flags"] == flags, (setting, res)
-            native = {"reduce_scatter_tensor", "all_gather_into_tensor"}
-            if setting:
-                assert native <= res["ops"] and "broadcast" not in res["ops"], (setting, res["ops"])
-            else:
-                assert not native & res["ops"] and {"all_reduce", "broadcast"} <= res["ops"], (setting, res["ops"])
-            assert ("reduce-scatter" in res["describe"]) == bool(setting), res["describe"]
+            assert ops <= res["ops"] and not (gradient_ops - ops) & res["ops"], (setting, res["ops"])
+            assert ("reduce-scatter" in res["describe"]) == (setting is not False), res["describe"]

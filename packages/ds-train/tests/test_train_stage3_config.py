@@ -75,7 +75,7 @@ def test_param_nvme_without_optimizer_nvme_is_refused(tmp_path) -> None:
 @pytest.mark.parametrize("setting", [None, True, False])
 def test_stage3_collective_switches_are_honoured_on_one_process(setting) -> None:
     """reduce_scatter / allgather_partitions reach the reducer and the gatherer (unset: the backend's choice;
-    native without a process group, all-reduce/broadcasts if an earlier test left a gloo one here)."""
+    native without a process group, sends/broadcasts if an earlier test left a gloo one here)."""
     import ds_train
     from ds_core import comm
     from ds_train.testing import make_model
@@ -85,8 +85,12 @@ def test_stage3_collective_switches_are_honoured_on_one_process(setting) -> None
     cfg = {"train_batch_size": 2, "optimizer": {"type": "AdamW", "params": {"lr": 0.1}}, "zero_optimization": zero}
     engine, *_ = ds_train.initialize(model=make_model(), config=cfg, dist_init_required=False)
     s = engine.strategy
-    want = (not comm.prefers_allreduce()) if setting is None else setting
-    assert (s.reduce_scatter, s.allgather_partitions, s.reducer.reduce_scatter, s.gatherer.allgather) == (want,) * 4
+    p2p = comm.prefers_point_to_point()
+    if setting is None:
+        reduce, gather = ("sends" if p2p else "reduce_scatter"), not p2p
+    else:
+        reduce, gather = ("reduce_scatter" if setting else "all_reduce"), setting
+    assert (s.reduce, s.reducer.reduce, s.allgather_partitions, s.gatherer.allgather) == (reduce, reduce, gather, gather)
     engine.destroy()
 
 

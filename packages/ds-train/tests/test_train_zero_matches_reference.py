@@ -29,7 +29,9 @@ CASES_W2 += [(s, "bf16", 4, "fp32_accum") for s in (0, 1, 2)]
 CASES_W2 += [
     (2, "fp32", 1, "offload"), (1, "bf16", 4, "offload"), (2, "fp32", 4, "allreduce_no_overlap"),
     (1, "fp32", 1, "broadcast_gather"), (2, "fp32", 1, "tiny_allgather"),
-    # unset collectives pick all-reduce/broadcasts on gloo: the native reduce-scatter/all-gather path too
+    # unset collectives pick a reduce-scatter by sends and broadcasts on gloo: the native reduce-scatter /
+    # all-gather path and DeepSpeed's reduce_scatter=false (all-reduce, overlapped) too
+    (1, "bf16", 4, "allreduce"), (2, "bf16", 1, "allreduce"),
     (1, "bf16", 4, "native_collectives"), (2, "fp32", 4, "native_collectives"), (2, "fp16", 1, "native_collectives"),
     (2, "fp32", 1, "native_tiny_allgather"),
 ]
@@ -44,6 +46,7 @@ VARIANTS = {
     "default": {},
     "fp32_accum": {"data_types": {"grad_accum_dtype": "fp32"}},
     "offload": {"offload_optimizer": {"device": "cpu"}},
+    "allreduce": {"reduce_scatter": False},
     "allreduce_no_overlap": {"reduce_scatter": False, "overlap_comm": False},
     "broadcast_gather": {"allgather_partitions": False},
     "tiny_allgather": {"allgather_bucket_size": 7},
@@ -91,7 +94,7 @@ def _train(cases: list[tuple], steps: int) -> dict:
         )
         out[case] = {"losses": losses, "params": params if rank == 0 else None, "module_matches_master": module_ok,
                      "skipped": engine.skipped_steps, "step_batches": len(engine.strategy._batches),
-                     "collectives": (engine.strategy.reduce_scatter, engine.strategy.allgather_partitions)}
+                     "collectives": (engine.strategy.reduce, engine.strategy.allgather_partitions)}
         engine.destroy()
     return out
 
@@ -121,10 +124,12 @@ def _check(case: tuple, results: list[dict], world: int) -> None:
         r = res[case]
         assert r["skipped"] == 0, f"{case}: rank {rank} skipped {r['skipped']} steps"
         assert r["module_matches_master"], f"{case}: rank {rank} module weights differ from cast(master)"
-        # gloo: unset collectives are all-reduce and broadcasts; explicit settings are honoured
-        expected = {"native_collectives": (True, True), "native_tiny_allgather": (True, True),
-                    "allreduce_no_overlap": (False, False), "broadcast_gather": (False, False)}
-        assert r["collectives"] == expected.get(case[3], (False, False)), f"{case}: collectives {r['collectives']}"
+        # gloo: unset collectives are a reduce-scatter by sends and broadcasts; explicit settings are honoured
+        native = ("reduce_scatter", True)
+        expected = {"native_collectives": native, "native_tiny_allgather": native,
+                    "allreduce": ("all_reduce", False), "allreduce_no_overlap": ("all_reduce", False)}
+        want = ("all_reduce" if case[0] == 0 else "sends", False)  # stage 0 always all-reduces
+        assert r["collectives"] == expected.get(case[3], want), f"{case}: collectives {r['collectives']}"
         if case[3] == "step_chunks":
             assert r["step_batches"] > 3, f"{case}: the optimizer was stepped in {r['step_batches']} batches"
         for step in range(STEPS):

@@ -28,9 +28,10 @@ from ds_core.comm.collectives import (
     is_initialized,
     isend,
     new_group,
-    prefers_allreduce,
+    prefers_point_to_point,
     recv,
     reduce_scatter,
+    reduce_scatter_by_sends,
     reduce_scatter_tensor,
     send,
 )
@@ -44,6 +45,6 @@ __all__ = [
     "all_to_all", "all_to_all_single", "barrier", "batch_isend_irecv", "broadcast", "broadcast_object_list",
     "comms_logger", "destroy_process_group", "discover_launch_env", "force_fallback", "free_port",
     "get_global_rank", "get_local_rank", "get_rank", "get_world_size", "init_distributed", "irecv",
-    "is_initialized", "isend", "new_group", "prefers_allreduce", "recv", "reduce_scatter",
+    "is_initialized", "isend", "new_group", "prefers_point_to_point", "recv", "reduce_scatter", "reduce_scatter_by_sends",
     "reduce_scatter_tensor", "send",
 ]

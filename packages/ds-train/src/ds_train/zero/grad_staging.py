@@ -1,5 +1,6 @@
 """Stage 2's gradient staging buckets: during backward each gradient is copied into its bucket's
-staging buffer, which is reduced as soon as the bucket is full and then returned to a small pool.
+staging buffer, which is reduced as soon as the bucket is full and then returned to a small pool (which
+also lends the scratch that a reduce-scatter by sends receives into, stages 1 and 2).
 
 Buffers are reused without being zeroed (every arriving gradient overwrites its slot); before a bucket
 is sent, `zero_unwritten` clears only the slots no gradient reached in this backward (unused
@@ -33,10 +34,19 @@ class StagingBuffers:
             self._live[(gi, bi)] = buf
         return buf
 
+    def take(self, numel: int) -> torch.Tensor:
+        """A free buffer of `numel` elements for other per-bucket scratch (e.g. received pieces)."""
+        free = self._free.get(numel)
+        return free.pop() if free else torch.empty(numel, dtype=self._dtype, device=self._device)
+
+    def put(self, buf: torch.Tensor) -> None:
+        """Give back a buffer from `take`."""
+        self._free.setdefault(buf.numel(), []).append(buf)
+
     def release(self, gi: int, bi: int) -> None:
         buf = self._live.pop((gi, bi), None)
         if buf is not None:
-            self._free.setdefault(buf.numel(), []).append(buf)
+            self.put(buf)
 
     def release_all(self) -> None:
         for key in list(self._live):

@@ -40,7 +40,7 @@ from ds_train.zero.strategy import ShardReader, StepResult, ZeroStrategy, grad_d
 __all__ = ["ZeroStage012"]
 
 
-_MAX_INFLIGHT = 2  # stage-2 bucket reductions in flight at once (each holds one staging buffer)
+_MAX_INFLIGHT = 2  # stage-1/2 bucket reductions in flight at once (each holds staging or receive buffers)
 _STEP_CHUNK = STEP_CHUNK  # elements per optimizer call (see zero/chunked_step.py); tests shrink it here
 
 
@@ -96,7 +96,9 @@ class ZeroStage012(ZeroStrategy):
         self.dtype, self.grad_dtype, self.comm_dtype = dtype, grad_dtype, comm_dtype
         self.device = device
         self.overlap_comm = overlap_comm
-        self.reduce_scatter, self.allgather_partitions = pick_collectives(group, reduce_scatter, allgather_partitions)
+        self.reduce, self.allgather_partitions = pick_collectives(group, reduce_scatter, allgather_partitions)
+        if stage == 0:
+            self.reduce = "all_reduce"  # every rank needs the whole reduced gradient
         self.allgather_bucket_size = allgather_bucket_size
         self.offload = offload_optimizer
         self.pin_memory = pin_memory
@@ -174,9 +176,15 @@ class ZeroStage012(ZeroStrategy):
     def describe(self) -> str:
         if self.parts == 1 or self.world == 1:
             return super().describe()
-        reduce = "reduce-scatter" if self.reduce_scatter else "all-reduce"
+        reduce = {"reduce_scatter": "reduce-scatter", "sends": "reduce-scatter by sends",
+                  "all_reduce": "all-reduce"}[self.reduce]
         gather = "all-gather" if self.allgather_partitions else "broadcasts"
         return f"{super().describe()} (gradients: {reduce}, parameters: {gather})"
+
+    @property
+    def reduce_scatter(self) -> bool:
+        """Whether each rank receives only its piece of a reduced bucket (by collective or by sends)."""
+        return self.reduce != "all_reduce"
 
     # -- setup helpers -------------------------------------------------------------------------------
     def _broadcast_flat(self) -> None:
@@ -343,12 +351,20 @@ class ZeroStage012(ZeroStrategy):
         if pre != 1.0:
             send.mul_(pre)
         lo, hi = layout.piece_range(b, self.part)
-        if self.stage == 0 or not self.reduce_scatter:
-            work = comm.all_reduce(send, group=self.group, async_op=self.overlap_comm)
+        received = None
+        if self.reduce != "reduce_scatter":
+            if self.reduce == "all_reduce":
+                work = comm.all_reduce(send, group=self.group, async_op=self.overlap_comm)
+            else:
+                if send.dtype == self.grad_dtype:
+                    received = self._staging.take(send.numel() - (hi - lo))
+                work = comm.reduce_scatter_by_sends(send, group=self.group, async_op=self.overlap_comm,
+                                                    received=received)
 
             def finish() -> None:
-                # stage 2 keeps only this rank's piece of the reduced bucket: scale (and cast) just that
-                keep = slice(lo - b.start, hi - b.start) if self.stage == 2 else slice(None)
+                # sends reduce only this rank's piece, and stage 2 keeps only that piece of an all-reduce:
+                # scale (and cast) just that; stages 0/1 all-reduced keep the whole average in p.grad
+                keep = slice(lo - b.start, hi - b.start) if self.stage == 2 or self.reduce == "sends" else slice(None)
                 if send is not src:
                     src[keep].copy_(send[keep])
                 src[keep].mul_(post)
@@ -367,14 +383,16 @@ class ZeroStage012(ZeroStrategy):
 
         def finish_and_release() -> None:
             finish()
+            if received is not None:
+                self._staging.put(received)
             if self.stage == 2:
                 self._staging.release(gi, bi)
 
         pending = _Pending(work if self.overlap_comm else None, finish_and_release)
         if self.overlap_comm:
             self._pending.append(pending)
-            # bound the staging memory (DeepSpeed's double-buffered buckets): wait for the oldest reduction
-            while self.stage == 2 and len(self._pending) > _MAX_INFLIGHT:
+            # bound the staging and receive memory (DeepSpeed's double-buffered buckets): wait for the oldest
+            while self.stage >= 1 and len(self._pending) > _MAX_INFLIGHT:
                 self._pending.pop(0).wait()
         else:
             pending.wait()

@@ -136,9 +136,9 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
         self.world = comm.get_world_size(group) if comm.is_initialized() else 1
         self.rank = comm.get_rank(group) if comm.is_initialized() else 0
         self.parts = self.world
-        # gloo by default: an in-place all-reduce of each gradient bucket keeping this rank's row, and one
-        # broadcast per rank's piece of a gather (see pick_collectives)
-        self.reduce_scatter, self.allgather_partitions = pick_collectives(group, reduce_scatter, allgather_partitions)
+        # gloo by default: each gradient bucket reduce-scattered by point-to-point sends, and one broadcast
+        # per rank's piece of a gather (see pick_collectives)
+        self.reduce, self.allgather_partitions = pick_collectives(group, reduce_scatter, allgather_partitions)
         self.dtype, self.device = dtype, device
         self.grad_dtype = grad_dtype
         self.ignore_unused = ignore_unused_parameters
@@ -267,7 +267,7 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
         self.reducer = GradReducer(self.records, self.grad_shards, bucket_size=bucket_size,
                                    comm_dtype=comm_dtype or grad_dtype, group=group, overlap=overlap_comm,
                                    predivide=predivide_factor, prescale=prescale_gradients,
-                                   reduce_scatter=self.reduce_scatter)
+                                   reduce=self.reduce)
         self._hooks = list(self.coordinator._hooks)
         self._hooks += [p.register_post_accumulate_grad_hook(self._on_grad) for ps in self.params for p in ps]
         # frozen weights get no gradient: released when the backward of the modules that read them is done
@@ -525,6 +525,11 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
             return flat
         return self.tier.read_group(gi)
 
+    @property
+    def reduce_scatter(self) -> bool:
+        """Whether each rank receives only its piece of a reduced bucket (by collective or by sends)."""
+        return self.reduce != "all_reduce"
+
     def describe(self) -> str:
         extra = []
         if self.options.offload_param != "none":
@@ -532,7 +537,8 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
         if self.options.offload_optimizer != "none":
             extra.append(f"optimizer on {self.options.offload_optimizer}")
         if self.parts > 1:
-            extra.append("gradients: " + ("reduce-scatter" if self.reduce_scatter else "all-reduce"))
+            extra.append("gradients: " + {"reduce_scatter": "reduce-scatter", "sends": "reduce-scatter by sends",
+                                          "all_reduce": "all-reduce"}[self.reduce])
             extra.append("parameters: " + ("all-gather" if self.allgather_partitions else "broadcasts"))
         return "ZeRO stage 3" + (f" ({', '.join(extra)})" if extra else "")
 

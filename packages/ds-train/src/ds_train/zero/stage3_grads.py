@@ -3,11 +3,12 @@
 Parameters are grouped into buckets of about `reduce_bucket_size` elements in a fixed order (reverse
 registration order, roughly the order backward produces them). A parameter's whole gradient is
 copied into its bucket's staging buffer as a (N, shard) block, so one `reduce_scatter_tensor` per
-bucket hands each rank exactly its pieces. Where the backend reduces a buffer faster in place (gloo:
-`comm.prefers_allreduce`; or `reduce_scatter=false`), the staging buffer is all-reduced in place instead
-and this rank keeps its row: no output buffer and none of gloo's whole-size reduce-scatter temporaries
-(1.4-1.7x the time of the all-reduce, +177 MiB max RSS over 10 reps of a 26 MB bucket:
-tools/bench/bench_gloo_collectives.py). Buckets launch strictly in order: every rank issues the
+bucket hands each rank exactly its pieces. Where the backend is faster that way (gloo:
+`comm.prefers_point_to_point`) the rows are exchanged by point-to-point sends and this rank adds the
+copies of its row in place (`comm.reduce_scatter_by_sends`): no output buffer and none of gloo's
+whole-size reduce-scatter temporaries (its reduce_scatter_tensor takes 2-3x the time of the sends:
+tools/bench/bench_gloo_collectives.py). With `reduce_scatter=false` the staging buffer is all-reduced in
+place and this rank keeps its row. Buckets launch strictly in order: every rank issues the
 same collectives in the same sequence even when hooks fire in another order or a parameter gets no
 gradient on some rank (it counts as zero when `after_backward` forces the rest out).
 """
@@ -73,9 +74,11 @@ class GradReducer:
 
     def __init__(self, recs: list[Stage3Param], grad_shards: GradShards, *, bucket_size: int,
                  comm_dtype: torch.dtype, group: Any, overlap: bool,
-                 predivide: float = 1.0, prescale: bool = False, reduce_scatter: bool = True) -> None:
+                 predivide: float = 1.0, prescale: bool = False, reduce: str = "reduce_scatter") -> None:
+        if reduce not in ("reduce_scatter", "sends", "all_reduce"):
+            raise ValueError(f"unknown gradient reduction {reduce!r}")
         self.group = group
-        self.reduce_scatter = reduce_scatter  # false: in-place all-reduce of the staging block, keep our row
+        self.reduce = reduce  # "sends" / "all_reduce": the staging block is reduced in place, we keep our row
         self.parts = comm.get_world_size(group) if comm.is_initialized() else 1
         self.rank = comm.get_rank(group) if comm.is_initialized() else 0
         self.grad_shards = grad_shards
@@ -96,6 +99,10 @@ class GradReducer:
         self.bucket_of = {id(r): b for b in self.buckets for r in b.recs}
         self.first_micro = True
         self.reset()
+
+    @property
+    def reduce_scatter(self) -> bool:
+        return self.reduce != "all_reduce"
 
     def reset(self) -> None:
         self.next = 0
@@ -145,9 +152,12 @@ class GradReducer:
             b.staging.mul_(pre)
         if self.parts == 1:
             out, work = b.staging.view(-1), None
-        elif not self.reduce_scatter:
+        elif self.reduce == "all_reduce":
             out = b.staging[self.rank]  # this rank's row, valid once the all-reduce is done
             work = comm.all_reduce(b.staging, group=self.group, async_op=self.overlap)
+        elif self.reduce == "sends":
+            out = b.staging[self.rank]  # this rank's row, summed in place once the exchange is done
+            work = comm.reduce_scatter_by_sends(b.staging.view(-1), group=self.group, async_op=self.overlap)
         else:
             out = torch.empty(b.shard_total, dtype=self.comm_dtype, device=b.staging.device)
             work = comm.reduce_scatter_tensor(out, b.staging.view(-1), group=self.group, async_op=self.overlap)

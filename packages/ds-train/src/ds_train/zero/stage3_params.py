@@ -7,7 +7,7 @@ per parameter, so checkpoints and fp32 consolidation share the stage-1/2 code pa
 asked) into a private full buffer per parameter, and `release` drops that buffer: a large parameter
 with a collective of its own straight into that buffer, the small ones coalesced into one. The buffers come from a `BufferPool` (exact sizes, reused every step) so the
 allocator does not fragment; the gather writes in place (the input is this rank's slice of the output).
-Where the backend moves pieces faster that way (gloo: `comm.prefers_allreduce`; or
+Where the backend moves pieces faster that way (gloo: `comm.prefers_point_to_point`; or
 `allgather_partitions=false`), each rank's piece is broadcast from it into its slice of the same output
 instead of one all-gather: gloo's all-gather copies through whole-size temporaries and took 1.4-2.3x the
 time of the broadcasts (tools/bench/bench_gloo_collectives.py). Where a shard lives (device memory, host

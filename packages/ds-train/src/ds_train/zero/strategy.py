@@ -33,13 +33,19 @@ class StepResult:
     grad_norm: float | None
 
 
-def pick_collectives(group: Any, reduce_scatter: bool | None, allgather_partitions: bool | None) -> tuple[bool, bool]:
-    """(reduce-scatter gradients?, all-gather parameters?) from the config's switches. Unset means the
-    backend's faster collective on buffers the strategy owns: native, except where
-    `comm.prefers_allreduce` (gloo) says an in-place all-reduce and per-rank broadcasts win."""
-    native = not comm.prefers_allreduce(group)
-    return (native if reduce_scatter is None else reduce_scatter,
-            native if allgather_partitions is None else allgather_partitions)
+def pick_collectives(group: Any, reduce_scatter: bool | None, allgather_partitions: bool | None) -> tuple[str, bool]:
+    """(how gradients are reduced, all-gather parameters?) from the config's switches.
+
+    The reduction is "reduce_scatter" (the backend's collective), "sends" (a reduce-scatter by
+    point-to-point messages, `comm.reduce_scatter_by_sends`) or "all_reduce" (`reduce_scatter=false`, as
+    in DeepSpeed). Unset means the backend's faster way on buffers the strategy owns: the native
+    collectives, except where `comm.prefers_point_to_point` (gloo) says sends and per-rank broadcasts win."""
+    p2p = comm.prefers_point_to_point(group)
+    if reduce_scatter is None:
+        reduce = "sends" if p2p else "reduce_scatter"
+    else:
+        reduce = "reduce_scatter" if reduce_scatter else "all_reduce"
+    return reduce, (not p2p) if allgather_partitions is None else allgather_partitions
 
 
 def grad_divisor(norm: float, loss_scale: float, clip_norm: float) -> float:
