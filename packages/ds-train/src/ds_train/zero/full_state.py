@@ -3,7 +3,8 @@
 Each is a collective over the parameter's data-parallel group (every rank calls it with the same
 parameter) and returns the whole tensor on every rank. Under ZeRO-3 the values come from the fp32
 master shard, the reduced gradient shard (between backward and step) and the optimizer state
-(device, host or NVMe); a parameter no engine partitions returns its own values.
+(device, host or NVMe); under ZeRO stages 0-2 from the same three, laid out by the stage's flat
+buckets (see `zero/stage1_2_full_state.py`); a parameter no engine trains returns its own values.
 Setters take the whole tensor (identical on every rank) and store this rank's piece.
 """
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any
 
 import torch
 from ds_core import comm
+
+from ds_train.zero import stage1_2_full_state as _zero12
 
 __all__ = [
     "safe_get_full_fp32_param", "safe_set_full_fp32_param",
@@ -58,6 +61,8 @@ def _store(owner: Any, rec: Any, kind: str, key: str | None, piece: torch.Tensor
 
 def _get(param: torch.nn.Parameter, kind: str, key: str | None = None) -> torch.Tensor | None:
     owner = _owner(param)
+    if owner is None and (zero12 := _zero12.owner_of(param)) is not None:
+        return _zero12.get_full(zero12, param, kind, key)
     if owner is None:
         if hasattr(param, "ds3"):
             raise ValueError("this parameter was partitioned by zero.Init but no engine owns it yet")
@@ -65,7 +70,7 @@ def _get(param: torch.nn.Parameter, kind: str, key: str | None = None) -> torch.
             return None if param.grad is None else param.grad.detach().float().clone()
         if kind == "fp32":
             return param.detach().float().clone()
-        raise ValueError("optimizer state needs a parameter trained by a ZeRO-3 engine")
+        raise ValueError("optimizer state needs a parameter trained by a ZeRO engine (any stage)")
     rec = param.ds3
     piece = _piece(owner, rec, kind, key).contiguous()
     if owner.parts > 1:
@@ -78,6 +83,9 @@ def _get(param: torch.nn.Parameter, kind: str, key: str | None = None) -> torch.
 
 def _set(param: torch.nn.Parameter, value: torch.Tensor, kind: str, key: str | None = None) -> None:
     owner = _owner(param)
+    if owner is None and (zero12 := _zero12.owner_of(param)) is not None:
+        _zero12.set_full(zero12, param, value, kind, key)
+        return
     if owner is None:
         if kind == "fp32":
             with torch.no_grad():
@@ -86,7 +94,7 @@ def _set(param: torch.nn.Parameter, value: torch.Tensor, kind: str, key: str | N
         if kind == "grad":
             param.grad = value.to(param.dtype).clone()
             return
-        raise ValueError("optimizer state needs a parameter trained by a ZeRO-3 engine")
+        raise ValueError("optimizer state needs a parameter trained by a ZeRO engine (any stage)")
     rec = param.ds3
     if tuple(value.shape) != rec.shape:
         raise ValueError(f"'{rec.name}' has shape {rec.shape}; got a value of shape {tuple(value.shape)}")
@@ -109,7 +117,8 @@ def safe_set_full_fp32_param(param: torch.nn.Parameter, value: torch.Tensor) -> 
 
 
 def safe_get_full_grad(param: torch.nn.Parameter) -> torch.Tensor | None:
-    """The whole averaged gradient of `param` (call between backward and step)."""
+    """The whole averaged gradient of `param` (call between the boundary backward and step; under fp16
+    it still carries the loss scale, as DeepSpeed's does)."""
     return _get(param, "grad")
 
 

@@ -35,6 +35,7 @@ from ds_train.zero.chunked_step import is_state_tensor as _is_state_tensor
 from ds_train.zero.grad_staging import StagingBuffers
 from ds_train.zero.partition import Bucket, GroupLayout, build_layout
 from ds_train.zero.shard_checkpoint import group_meta, shard_from_full
+from ds_train.zero.stage1_2_full_state import attach as _attach_full_state
 from ds_train.zero.strategy import ShardReader, StepResult, ZeroStrategy, grad_divisor, pick_collectives
 
 __all__ = ["ZeroStage012"]
@@ -172,6 +173,7 @@ class ZeroStage012(ZeroStrategy):
         self._first_micro = True  # stage 2: the first micro step writes its piece instead of adding
         self._reset_backward_state()
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for ps in self.params for p in ps]
+        _attach_full_state(self)  # safe_get/set_full_* find this strategy from its parameters
 
     def describe(self) -> str:
         if self.parts == 1 or self.world == 1:
