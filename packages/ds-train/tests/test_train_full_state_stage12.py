@@ -10,10 +10,13 @@ reduce_scatter=true, reduce_scatter=false) and once with offload_optimizer=cpu a
   from the same weights with those gradients (1e-6 on weights; 1e-5 relative on state),
 - optimizer state and fp32 weights set whole read back exactly, on every rank, and a set weight is
   what the next forward uses (compared with a single-process model holding the new weight),
-- a missing state key or a wrongly shaped value is one clear error on every rank (no hang).
+- a missing state key or a wrongly shaped value is one clear error on every rank (no hang),
+- the model stays picklable (torch.save) while an engine trains it.
 """
 
 from __future__ import annotations
+
+import io
 
 import pytest
 import torch
@@ -71,6 +74,9 @@ def _one_case(stage: int, dtype: str, reduce_scatter: bool | None, offload: bool
     engine, *_ = ds_train.initialize(model=model, config=cfg)
     params = dict(model.named_parameters())
     out: dict = {"reduce": engine.strategy.reduce}
+    buf = io.BytesIO()
+    torch.save(model, buf)  # the engine's bookkeeping must not make the model unpicklable
+    out["pickled_bytes"] = buf.tell()
     for micro in range(GA):
         ids = make_batch(0, micro, rank)
         engine.backward(lm_loss(engine(ids), ids))
@@ -221,3 +227,7 @@ def test_bad_key_or_shape_is_one_clear_error_on_every_rank(results) -> None:
             assert missing is not None and "momentum_buffer" in missing and "exp_avg" in missing, _case(i)
             assert grad_shape is not None and "(73,)" in grad_shape, _case(i)
             assert param_shape is not None and "(24, 73)" in param_shape, _case(i)
+
+
+def test_model_stays_picklable(results) -> None:
+    assert all(res["pickled_bytes"] > 0 for ranks in results for res in ranks)

@@ -13,8 +13,7 @@ Setters take the whole value (the same on every rank) and write this rank's over
 
 Gradients are returned as the step will read them: averaged over ranks and micro steps after the
 accumulation boundary's backward, in fp16 still multiplied by the loss scale (DeepSpeed's too;
-the step unscales). Parameters are found through `param.ds_zero12_owner`, a weak reference set by
-`ZeroStage012.__init__` (`ds_owner` stays ZeRO-3's mark), so a dropped engine is not kept alive.
+the step unscales). `ZeroStage012.__init__` registers its parameters here (`attach`).
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from ds_core import comm
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ds_train.zero.chunked_step import is_state_tensor
 from ds_train.zero.partition import ParamSlot
@@ -32,26 +32,27 @@ from ds_train.zero.partition import ParamSlot
 if TYPE_CHECKING:
     from ds_train.zero.stage1_2 import ZeroStage012
 
-__all__ = ["OWNER_ATTR", "attach", "owner_of", "get_full", "set_full"]
+__all__ = ["attach", "owner_of", "get_full", "set_full"]
 
-OWNER_ATTR = "ds_zero12_owner"
+# parameter -> weak reference to the stage 0-2 strategy training it. A registry, not an attribute on the
+# parameter: an attribute holding a (weak) reference would make torch.save(model) fail to pickle, and
+# `ds_owner` is ZeRO-3's mark (zero.Init and the HF loader rely on it). Keys are weak too, so neither a
+# dropped model nor a dropped engine is kept alive by it.
+_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def attach(strategy: ZeroStage012) -> None:
-    """Mark every parameter of `strategy` as its own (a weak reference: the mark never keeps it alive)."""
+    """Register every parameter of `strategy` as its own (a later engine on the same parameters wins)."""
     ref = weakref.ref(strategy)
     for params in strategy.params:
         for p in params:
-            setattr(p, OWNER_ATTR, ref)
+            _OWNERS[p] = ref
 
 
 def owner_of(param: torch.nn.Parameter) -> ZeroStage012 | None:
     """The live stage 0-2 strategy that trains `param`, or None."""
-    ref = getattr(param, OWNER_ATTR, None)
-    owner = ref() if ref is not None else None
-    if owner is not None and id(param) not in owner._bucket_of:
-        return None  # a parameter object the engine no longer holds (the mark came along in a copy)
-    return owner
+    ref = _OWNERS.get(param)
+    return ref() if ref is not None else None
 
 
 @dataclass(frozen=True)
