@@ -149,7 +149,11 @@ def set_full(
     if not isinstance(value, torch.Tensor) or tuple(value.shape) != w.slot.shape:
         got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise ValueError(f"'{w.slot.name}' has shape {w.slot.shape}; got a value of shape {got}")
-    flat = value.detach().reshape(-1)
+    with torch.no_grad():  # the buffers written below back leaf parameters (the model's and the optimizer's)
+        _store(owner, w, value.detach().reshape(-1), kind, key)
+
+
+def _store(owner: ZeroStage012, w: _Where, flat: torch.Tensor, kind: str, key: str | None) -> None:
     gi = w.group
     if kind == "state":
         for where, state in _state_runs(owner, w, key):
