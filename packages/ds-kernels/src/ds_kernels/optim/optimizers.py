@@ -47,6 +47,13 @@ class _CPUOptimizer(torch.optim.Optimizer):
                 )
         return state
 
+    def materialize_state(self) -> None:
+        """Create every parameter's state now rather than at the first step (DeepSpeed does this at
+        initialize: the long-lived state then sits below the first step's temporaries in the heap)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._init_state(p)
+
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         # torch casts loaded states to the param dtype (fp32); restore the configured state dtype.

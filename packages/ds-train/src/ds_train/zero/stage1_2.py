@@ -21,7 +21,7 @@ import torch
 from ds_core import comm
 from ds_core.accelerator import get_accelerator
 
-from ds_train.optim import Lamb, is_elementwise
+from ds_train.optim import Lamb, is_elementwise, materialize_state
 from ds_train.zero.chunked_step import (
     STEP_CHUNK,
     batch_by_size,
@@ -137,6 +137,9 @@ class ZeroStage012(ZeroStrategy):
             self._opt_params.append(opt_params)
             groups.append({**hyper, "params": opt_params})
         self.optimizer = make_optimizer(groups)
+        # the states exist before the first forward, as in DeepSpeed: below the activations in the heap
+        # (not in the holes the first backward leaves) and an out-of-memory shows at initialize
+        materialize_state(self.optimizer)
         if isinstance(self.optimizer, Lamb) and not self.per_param_master:
             self._shard_lamb()
 

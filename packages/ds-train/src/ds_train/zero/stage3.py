@@ -30,7 +30,7 @@ import torch
 from ds_core import comm
 from ds_core.logging import log_dist
 
-from ds_train.optim import is_elementwise
+from ds_train.optim import is_elementwise, materialize_state
 from ds_train.zero.chunked_step import (
     STEP_CHUNK,
     batch_by_size,
@@ -256,6 +256,8 @@ class ZeroStage3(Stage3StateMixin, ZeroStrategy):
             from ds_train.offload.nvme_optimizer import adam_hyper
 
             adam_hyper(self.optimizer, 0)  # refuses a non-Adam optimizer now, not at the first step
+        else:
+            materialize_state(self.optimizer)  # before the first forward, as stages 0-2 (optim/state_init.py)
 
         # -- gradients, hooks ---------------------------------------------------------------------------
         grad_device = torch.device("cpu") if host_master else device
