@@ -1,7 +1,7 @@
 """gloo's reduce-scatter and all-gather against what ds_core.comm.prefers_point_to_point() picks instead
 (reduce-scatter by point-to-point sends, comm.reduce_scatter_by_sends; one broadcast per rank) and
-against an in-place all-reduce (what a reduce-scatter must beat), on 2 ranks, one bucket (default 6.5M fp32 elements, the
-ZeRO benches' reduce_bucket_size), in the same run: median time over interleaved rounds and the peak RSS
+against an in-place all-reduce (what a reduce-scatter must beat), on 2 ranks, one bucket (default 6.5M
+fp32 elements, the ZeRO benches' reduce_bucket_size), in the same run: median time over interleaved rounds and the peak RSS
 each collective adds. Prints one JSON line per pair with the time ratio (native / substitute).
 
     .venv/bin/python tools/bench/bench_gloo_collectives.py [--numel 6553600] [--rounds 10]

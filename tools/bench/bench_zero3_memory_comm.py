@@ -7,13 +7,11 @@ formula 16Ψ/N and against ours, 14Ψ/N (the gathers cast the master instead of 
 Communication: elements moved by the all-gathers and reduce-scatters of one training step
 (ds_core.comm.comms_logger, after a warmup step that records the module order) against 3Ψ (forward
 gather, backward gather, reduce-scatter), measured with the native collectives set explicitly
-(`reduce_scatter: true`, `allgather_partitions: true`): on gloo the unset default substitutes an
-in-place all-reduce of each gradient bucket and one broadcast per rank's piece of a gather
-(ds_core.comm.prefers_point_to_point). A second run with that default reports the elements handed to its
-collectives (`substitute_*`: all_reduce + broadcast; the all-reduce count also holds the step's few
-scalar norm/overflow reductions). Those are 3Ψ too, but a ring all-reduce puts 2(N-1)/N of its buffer
-on the wire per rank against (N-1)/N for a reduce-scatter: gloo's faster path trades wire volume for
-no whole-size temporaries (tools/bench/bench_gloo_collectives.py).
+(`reduce_scatter: true`, `allgather_partitions: true`): on gloo the unset default substitutes a
+reduce-scatter of each gradient bucket by point-to-point sends and one broadcast per rank's piece of a
+gather (ds_core.comm.prefers_point_to_point). A second run with that default reports the elements handed
+to its collectives (`substitute_*`); they put the same (N-1)/N of each buffer on the wire per rank as the
+native ones, without gloo's whole-size temporaries (tools/bench/bench_gloo_collectives.py).
 
     .venv/bin/python tools/bench/bench_zero3_memory_comm.py [--world 2] [--layers 5]
 Prints one JSON line.
@@ -62,16 +60,17 @@ def _worker(n_embd: int, n_layer: int, seq: int, micro: int, native: bool) -> di
         engine.backward(loss)
         engine.step()
 
-    step(0)  # records the module order; the optimizer state exists from here on
+    step(0)  # records the module order
     comm.comms_logger.configure(enabled=True)
     comm.comms_logger.reset()
     step(1)
     totals = comm.comms_logger.totals()
     comm.comms_logger.configure(enabled=False)
     ops = ("all_gather_into_tensor" if s.allgather_partitions else "broadcast",
-           "reduce_scatter_tensor" if s.reduce_scatter else "all_reduce")
+           {"reduce_scatter": "reduce_scatter_tensor", "sends": "reduce_scatter_by_sends",
+            "all_reduce": "all_reduce"}[s.reduce])
     moved = {op: t["bytes"] // 2 for op, t in totals.items() if op in ops}  # bf16: 2 bytes per element
-    collectives = (s.reduce_scatter, s.allgather_partitions)
+    collectives = (s.reduce, s.allgather_partitions)
     seen: set[int] = set()
 
     def count(tensors) -> int:  # each storage once: the shards may be the master itself (MasterTier)
@@ -105,7 +104,7 @@ def main() -> None:
     a = ap.parse_args()
     res = run_distributed(_worker, a.world, a.embd, a.layers, a.seq, a.micro, True, timeout=900)[0]
     sub = run_distributed(_worker, a.world, a.embd, a.layers, a.seq, a.micro, False, timeout=900)[0]
-    if res["collectives"] != (True, True):
+    if res["collectives"] != ("reduce_scatter", True):
         raise RuntimeError(f"the native collectives were asked for, the strategy used {res['collectives']}")
     psi, world = res["psi"], res["world"]
     held = sum(res["held"].values())
@@ -118,8 +117,8 @@ def main() -> None:
         "memory_ratio_vs_14psi": round(held / (14 * psi / world), 4), "held_breakdown": res["held"],
         "elements_moved_per_step": moved, "theory_3psi": 3 * psi, "comm_ratio": round(moved / (3 * psi), 4),
         "moved_breakdown": res["moved"], "collectives": "native: reduce_scatter=true, allgather_partitions=true",
-        "substitute_collectives": "unset (this backend: " + ("native" if sub["collectives"] == (True, True)
-                                                              else "all-reduce + broadcasts") + ")",
+        "substitute_collectives": "unset (this backend: " + ("native" if sub["collectives"] == ("reduce_scatter", True)
+                                                              else f"{sub['collectives'][0]} + broadcasts") + ")",
         "substitute_elements_per_step": sum(sub["moved"].values()),
         "substitute_ratio_vs_3psi": round(sum(sub["moved"].values()) / (3 * psi), 4),
         "substitute_breakdown": sub["moved"],

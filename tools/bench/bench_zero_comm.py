@@ -8,8 +8,9 @@ baseline; it moves the same 2 Psi (N-1)/N. Prints one JSON line per (stage, N, c
 
 - "native": reduce_scatter and allgather_partitions set true (DeepSpeed's collectives), which the theory
   describes; this is the line to hold against the 5% target;
-- "default": both unset, so on gloo the engine all-reduces each gradient bucket in place and gathers with
-  one broadcast per rank (ds_core.comm.prefers_point_to_point: faster there); it moves more elements.
+- "default": both unset, so on gloo the engine reduce-scatters each gradient bucket by point-to-point
+  sends (each rank sends the N-1 pieces it does not own: n(N-1)/N, like a ring reduce-scatter) and
+  gathers with one broadcast per rank (ds_core.comm.prefers_point_to_point: faster there).
 
     .venv/bin/python tools/bench/bench_zero_comm.py
 """
@@ -28,6 +29,7 @@ _RING = {
     "all_reduce": lambda n, w: 2 * n * (w - 1) / w,
     "reduce_scatter_tensor": lambda n, w: n * (w - 1) / w,
     "reduce_scatter": lambda n, w: n * (w - 1) / w,
+    "reduce_scatter_by_sends": lambda n, w: n * (w - 1) / w,  # n: the whole bucket, as for the collective
     "all_gather_into_tensor": lambda n, w: n * (w - 1) / w,
     "all_gather": lambda n, w: n * (w - 1) / w,
     "broadcast": lambda n, w: n * (w - 1) / w,  # each non-root receives n: averaged over the ranks

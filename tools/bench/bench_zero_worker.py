@@ -88,7 +88,7 @@ def _instrument(phases, impl: str, engine) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--impl", choices=["ours", "ours-native", "ddp", "fsdp2", "deepspeed"], required=True,
-                   help="ours: collectives unset (on gloo: in-place all-reduce and broadcasts, see "
+                   help="ours: collectives unset (on gloo: reduce-scatter by sends and broadcasts, see "
                         "ds_core.comm.prefers_point_to_point); ours-native: reduce_scatter=true, allgather_partitions=true")
     p.add_argument("--stage", type=int, default=2)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")

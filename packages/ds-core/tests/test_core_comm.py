@@ -137,7 +137,7 @@ def _prefers_point_to_point() -> bool:
 
 
 def test_prefers_point_to_point_on_gloo_only() -> None:
-    """gloo's reduce-scatter/all-gather are slower than an in-place all-reduce/broadcasts
+    """gloo's reduce-scatter/all-gather are slower than sends/broadcasts
     (tools/bench/bench_gloo_collectives.py): the ZeRO strategies ask this to choose."""
     assert not comm.prefers_point_to_point()  # no process group in this process
     assert run_distributed(_prefers_point_to_point, 2) == [True, True]

@@ -137,8 +137,8 @@ class ZeroConfig(DSConfigModel):
 
     stage: int = Field(0, ge=0, le=3, description="0 = data parallel, 1 = optimizer states, 2 = + gradients.")
     contiguous_gradients: bool = Field(True, description="Gradients live in one contiguous buffer (always).")
-    # None (unset) picks the backend's faster collective: reduce-scatter, or an in-place all-reduce on gloo
-    # (ds_core.comm.prefers_point_to_point); DeepSpeed's default is true
+    # None (unset) picks the backend's faster way: its reduce-scatter, or on gloo a reduce-scatter by
+    # point-to-point sends (ds_core.comm.prefers_point_to_point); DeepSpeed's default is true
     reduce_scatter: bool | None = Field(
         None, description="Reduce-scatter gradients (false: all-reduce; unset: the backend's faster one)."
     )
