@@ -124,7 +124,8 @@ class ZeroStage012(ZeroStrategy):
 
         self.master: list[torch.Tensor] = [self._make_master(i) for i in range(len(self.params))]
         # the optimizer's parameters are views of the master shard: one per model parameter for
-        # non-elementwise optimizers, else chunks of one bucket's piece (see _step_ranges)
+        # non-elementwise optimizers, else chunks of one bucket's piece (see _step_ranges); where the
+        # master is the model's own fp32 buffer they are views of this rank's pieces of it
         self._ranges: list[list[tuple[int, int, int]]] = [self._step_ranges(i) for i in range(len(self.params))]
         self._opt_params: list[list[torch.Tensor]] = []
         groups = []
@@ -132,6 +133,9 @@ class ZeroStage012(ZeroStrategy):
             hyper = {k: v for k, v in g.items() if k != "params"}
             if self.per_param_master:
                 opt_params = self._layouts[i].param_views(self.master[i])
+            elif self.master[i] is self.flat[i]:
+                opt_params = [self.flat[i][f : f + hi - lo]
+                              for (lo, hi, _), f in zip(self._ranges[i], self._flat_starts(i), strict=True)]
             else:
                 opt_params = [self.master[i][lo:hi] for lo, hi, _ in self._ranges[i]]
             self._opt_params.append(opt_params)
@@ -201,8 +205,10 @@ class ZeroStage012(ZeroStrategy):
 
     def _make_master(self, gi: int) -> torch.Tensor:
         layout, flat = self._layouts[gi], self.flat[gi]
-        if self.parts == 1 and self.dtype == torch.float32 and not self.offload:
-            return flat  # fp32 stage 0: the model's buffer is the master copy
+        if self.dtype == torch.float32 and not self.offload:
+            # fp32: the model's buffer is the master copy; at stages 1/2 this rank's pieces of it are its
+            # shard, updated in place by the optimizer and then broadcast (no 4 bytes/param/N copy)
+            return flat
         device = torch.device("cpu") if self.offload else self.device
         # offload: a separate host buffer even on a CPU-only machine, so the mechanism is the real one
         master = torch.empty(layout.shard_numel, dtype=torch.float32, device=device)
@@ -227,6 +233,36 @@ class ZeroStage012(ZeroStrategy):
                 lo, hi = b.shard_offset + c, b.shard_offset + min(n, c + chunk)
                 out.append((lo, hi, lo if self.stage == 2 else flat_lo + c))
         return out
+
+    def _flat_starts(self, gi: int) -> list[int]:
+        """Where each optimizer parameter of group `gi` (a chunk inside one bucket's piece) starts in the
+        flat buffer (with one part, shard and flat coordinates coincide)."""
+        layout = self._layouts[gi]
+        pieces = [(b.shard_offset, b.shard_offset + layout.piece_size(b), layout.piece_range(b, self.part)[0])
+                  for b in layout.buckets]
+        out = []
+        for lo, _, _ in self._ranges[gi]:
+            out.append(next(flat_lo + lo - s_lo for s_lo, s_hi, flat_lo in pieces if s_lo <= lo < s_hi))
+        return out
+
+    def _master_shard(self, gi: int) -> torch.Tensor:
+        """This rank's fp32 master shard as one tensor: a copy of its pieces when they live in the model's
+        buffer (stages 1/2 in fp32), else the master itself."""
+        master, flat = self.master[gi], self.flat[gi]
+        if master is not flat or self.parts == 1:
+            return master
+        layout = self._layouts[gi]
+        return self._gather_pieces(layout, flat, self.part,
+                                   out=torch.empty(layout.shard_numel, dtype=torch.float32, device=flat.device))
+
+    def _write_master_shard(self, gi: int, shard: torch.Tensor) -> None:
+        master, flat = self.master[gi], self.flat[gi]
+        if master is not flat or self.parts == 1:
+            master.copy_(shard)
+            return
+        layout = self._layouts[gi]
+        for b, view in zip(layout.buckets, layout.shard_views(flat, self.part), strict=True):
+            view.copy_(shard[b.shard_offset : b.shard_offset + view.numel()])
 
     def _step_batches(self) -> list[list[tuple[int, int]]]:
         """Which optimizer parameters (group, index) are stepped together. Optimizers whose state is
@@ -466,10 +502,9 @@ class ZeroStage012(ZeroStrategy):
         """Copy the updated master shard into the model-dtype buffer and all-gather the pieces."""
         for gi, layout in enumerate(self._layouts):
             flat, master = self.flat[gi], self.master[gi]
-            if master is flat:
-                continue
-            for b, view in zip(layout.buckets, layout.shard_views(flat, self.part)):
-                view.copy_(master[b.shard_offset : b.shard_offset + view.numel()])
+            if master is not flat:  # else the optimizer updated this rank's pieces of `flat` in place
+                for b, view in zip(layout.buckets, layout.shard_views(flat, self.part)):
+                    view.copy_(master[b.shard_offset : b.shard_offset + view.numel()])
             if self.parts > 1:
                 self._allgather(layout, flat)
 
@@ -500,7 +535,7 @@ class ZeroStage012(ZeroStrategy):
         out: dict[str, torch.Tensor] = {}
         for gi, layout in enumerate(self._layouts):
             full = torch.zeros(layout.numel, dtype=torch.float32, device=self.device)
-            master = self.master[gi].detach().float().to(self.device)
+            master = self._master_shard(gi).detach().float().to(self.device)
             for b in layout.buckets:
                 lo, hi = layout.piece_range(b, self.part)
                 full[lo:hi] = master[b.shard_offset : b.shard_offset + hi - lo]
@@ -555,7 +590,7 @@ class ZeroStage012(ZeroStrategy):
         tensors: dict[str, torch.Tensor] = {}
         metas = []
         for gi in range(len(self._layouts)):
-            tensors[f"g{gi}.fp32"] = self.master[gi].detach().float().cpu().clone()
+            tensors[f"g{gi}.fp32"] = self._master_shard(gi).detach().float().cpu().clone()
             state, scalars = self._state_tensors(gi)
             for key, t in state.items():
                 tensors[f"g{gi}.{key}"] = t.clone()
@@ -578,7 +613,7 @@ class ZeroStage012(ZeroStrategy):
                     f"param group {gi} does not match the checkpoint: missing from checkpoint {missing[:5]}, "
                     f"not in model {extra[:5]}"
                 )
-            self.master[gi].copy_(self._shard_from_full(gi, reader.full_tensors(gi, "fp32"), "fp32"))
+            self._write_master_shard(gi, self._shard_from_full(gi, reader.full_tensors(gi, "fp32"), "fp32"))
             if not load_optimizer_states:
                 continue
             meta = reader.group_meta(gi)

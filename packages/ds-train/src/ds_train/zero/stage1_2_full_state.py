@@ -2,7 +2,7 @@
 
 A parameter's slot [offset, end) of its group's flat buffer lies inside one bucket, and may straddle
 several ranks' pieces of that bucket. Each rank holds, for its own overlap with the slot:
-- the fp32 master weights (`master[gi]`, shard coordinates; for fp32 stage 0 the model's buffer itself),
+- the fp32 master weights (`master[gi]`, shard coordinates; in fp32 the model's buffer itself),
 - the reduced gradient: stage 2 in `grad_shard[gi]` (shard coordinates); stages 0/1 in `grad_full[gi]`
   (flat coordinates), where a stage-1 reduce-scatter (by collective or by sends) reduces and scales
   only this rank's piece, while stage 0 and stage 1 with an all-reduce hold the whole average,
@@ -118,6 +118,8 @@ def _state_runs(owner: ZeroStage012, w: _Where, key: str) -> list[tuple[slice, t
 def _local(owner: ZeroStage012, w: _Where, kind: str, key: str | None) -> torch.Tensor:
     """This rank's fp32 values for the overlap."""
     if kind == "fp32":
+        if owner.master[w.group] is owner.flat[w.group]:  # fp32: the master is the model's own buffer
+            return owner.flat[w.group][w.flat_lo : w.flat_hi].float()
         return owner.master[w.group][w.shard_lo : w.shard_lo + w.numel].float()
     if kind == "grad":
         return _grad_run(owner, w).float()
@@ -166,10 +168,10 @@ def _store(owner: ZeroStage012, w: _Where, flat: torch.Tensor, kind: str, key: s
             # a stage-1 step reads only this rank's piece of it
             owner.grad_full[gi][w.slot.offset : w.slot.end].copy_(flat)
     elif kind == "fp32":
-        owner.master[gi][w.shard_lo : w.shard_lo + w.numel].copy_(flat[w.in_param])
         if owner.master[gi] is not owner.flat[gi]:
-            # the model-dtype buffer (which the parameter is a view of) holds the master cast down on
-            # every rank after a step; write the same cast here so the forward uses the new value now
-            owner.flat[gi][w.slot.offset : w.slot.end].copy_(flat)
+            owner.master[gi][w.shard_lo : w.shard_lo + w.numel].copy_(flat[w.in_param])
+        # the model-dtype buffer (which the parameter is a view of; in fp32 the master itself) holds the
+        # whole value on every rank after a step; write all of it so the forward uses the new value now
+        owner.flat[gi][w.slot.offset : w.slot.end].copy_(flat)
     else:
         raise ValueError(f"unknown kind {kind!r}")
