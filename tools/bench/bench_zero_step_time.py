@@ -159,10 +159,13 @@ def main() -> None:
     ap.add_argument("--deepspeed-own-torch", action="store_true",
                     help="run DeepSpeed on its venv's own torch files instead of ours (see _deepspeed_launch)")
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of: fp32, bf16")
+    ap.add_argument("--stages", default="0,1,2", help="comma-separated subset of our stages: 0, 1, 2 (the "
+                    "baselines run whenever a comparison needs them)")
     ap.add_argument("--run-timeout", type=float, default=300.0,
                     help="seconds one 2-rank run may take before both ranks' process groups are killed")
     args = ap.parse_args()
     impls, dtypes = set(args.impls.split(",")), set(args.dtypes.split(","))
+    stages = {int(v) for v in args.stages.split(",")}
     ours_py = sys.executable
     ds_py = os.environ.get("DS_BENCH_PYTHON", "/tmp/dsbench/bin/python")
     have_ds = Path(ds_py).exists()
@@ -172,7 +175,8 @@ def main() -> None:
     runs += [("fsdp2", 3, "bf16")]
     if have_ds:
         runs += [("deepspeed", s, "bf16") for s in (0, 1, 2)]
-    runs = [r for r in runs if r[0] in impls and r[2] in dtypes]
+    runs = [r for r in runs if r[0] in impls and r[2] in dtypes
+            and (r[0] in ("ddp", "fsdp2") or r[1] in stages)]
     if any(r[0] == "deepspeed" for r in runs):
         ds_launch = _deepspeed_launch(ds_py, args.deepspeed_own_torch)
         print(json.dumps({"bench": "zero_step_time", "note": ds_launch[2]}), flush=True)
