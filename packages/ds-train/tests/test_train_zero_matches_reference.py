@@ -31,7 +31,7 @@ CASES_W2 += [
     (1, "fp32", 1, "broadcast_gather"), (2, "fp32", 1, "tiny_allgather"),
     # unset collectives pick a reduce-scatter by sends and broadcasts on gloo: the native reduce-scatter /
     # all-gather path and DeepSpeed's reduce_scatter=false (all-reduce, overlapped) too
-    (1, "bf16", 4, "allreduce"), (2, "bf16", 1, "allreduce"),
+    (1, "bf16", 4, "allreduce"), (2, "bf16", 1, "allreduce"), (1, "fp32", 4, "no_overlap"), (2, "bf16", 1, "no_overlap"),
     (1, "bf16", 4, "native_collectives"), (2, "fp32", 4, "native_collectives"), (2, "fp16", 1, "native_collectives"),
     (2, "fp32", 1, "native_tiny_allgather"),
 ]
@@ -47,6 +47,7 @@ VARIANTS = {
     "fp32_accum": {"data_types": {"grad_accum_dtype": "fp32"}},
     "offload": {"offload_optimizer": {"device": "cpu"}},
     "allreduce": {"reduce_scatter": False},
+    "no_overlap": {"overlap_comm": False},
     "allreduce_no_overlap": {"reduce_scatter": False, "overlap_comm": False},
     "broadcast_gather": {"allgather_partitions": False},
     "tiny_allgather": {"allgather_bucket_size": 7},
