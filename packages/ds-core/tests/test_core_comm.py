@@ -197,17 +197,21 @@ def test_reduce_scatter_by_sends_matches_reduce_scatter(async_op: bool, reuse: b
         assert ops == {"reduce_scatter_by_sends": 1}
 
 
-def _bad_received() -> str:
-    try:
-        comm.reduce_scatter_by_sends(torch.zeros(4), received=torch.zeros(3))
-    except ValueError as exc:
-        return str(exc)
-    return "no error"
+def _bad_buffers() -> list[str]:
+    messages = []
+    for buffer, received in ((torch.zeros(4), torch.zeros(3)), (torch.zeros(4, 2).t(), None)):
+        try:
+            comm.reduce_scatter_by_sends(buffer, received=received)
+            messages.append("no error")
+        except ValueError as exc:
+            messages.append(str(exc))
+    return messages
 
 
 def test_reduce_scatter_by_sends_rejects_a_wrong_buffer() -> None:
-    for message in run_distributed(_bad_received, 2):
-        assert "`received` must hold 1 x 2" in message
+    for wrong_received, not_contiguous in run_distributed(_bad_buffers, 2):
+        assert "`received` must hold 1 x 2" in wrong_received
+        assert "must be contiguous" in not_contiguous
 
 
 def _bad_split() -> str:

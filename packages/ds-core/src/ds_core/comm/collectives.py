@@ -344,6 +344,8 @@ def reduce_scatter_by_sends(buffer: torch.Tensor, group: ProcessGroup | None = N
     world, me = get_world_size(group), get_rank(group)
     if buffer.numel() % world:
         raise ValueError(f"reduce_scatter_by_sends: {buffer.numel()} elements do not split into {world} pieces")
+    if not buffer.is_contiguous():
+        raise ValueError("reduce_scatter_by_sends: the buffer must be contiguous (it is reduced in place)")
     logging_on = comms_logger.wants("reduce_scatter_by_sends")
     start = time.perf_counter()
     n = buffer.numel() // world
