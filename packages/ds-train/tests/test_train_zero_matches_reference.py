@@ -32,6 +32,7 @@ CASES_W2 += [
     # unset collectives pick a reduce-scatter by sends and broadcasts on gloo: the native reduce-scatter /
     # all-gather path and DeepSpeed's reduce_scatter=false (all-reduce, overlapped) too
     (1, "bf16", 4, "allreduce"), (2, "bf16", 1, "allreduce"), (1, "fp32", 4, "no_overlap"), (2, "bf16", 1, "no_overlap"),
+    (1, "bf16", 4, "fp32_comm"), (2, "bf16", 4, "fp32_comm"),
     (1, "bf16", 4, "native_collectives"), (2, "fp32", 4, "native_collectives"), (2, "fp16", 1, "native_collectives"),
     (2, "fp32", 1, "native_tiny_allgather"),
 ]
@@ -48,6 +49,7 @@ VARIANTS = {
     "offload": {"offload_optimizer": {"device": "cpu"}},
     "allreduce": {"reduce_scatter": False},
     "no_overlap": {"overlap_comm": False},
+    "fp32_comm": {"communication_data_type": "fp32"},  # bf16 gradients reduced in an fp32 copy
     "allreduce_no_overlap": {"reduce_scatter": False, "overlap_comm": False},
     "broadcast_gather": {"allgather_partitions": False},
     "tiny_allgather": {"allgather_bucket_size": 7},
@@ -61,8 +63,9 @@ def _config(case: tuple, world: int) -> dict:
     stage, dtype, ga, variant = case
     cfg = engine_config(stage, dtype, ga, world)
     extra = dict(VARIANTS[variant])
-    if "data_types" in extra:
-        cfg["data_types"] = extra.pop("data_types")
+    for top_level in ("data_types", "communication_data_type"):
+        if top_level in extra:
+            cfg[top_level] = extra.pop(top_level)
     cfg["zero_optimization"].update(extra)
     return cfg
 
