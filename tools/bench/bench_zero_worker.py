@@ -3,7 +3,9 @@
     torchrun --nproc_per_node 2 tools/bench/bench_zero_worker.py --impl ours --stage 2 --dtype bf16
 
 --impl ours | ddp | fsdp2 | deepspeed (the last one runs in a separate venv that has DeepSpeed).
-Prints one JSON line (rank 0): median step seconds and the max per-rank peak RSS.
+Prints one JSON line (rank 0): median step seconds and the max per-rank peak RSS; with --phases also
+each phase's peak RSS and mean wall time per call (forward, backward, optimizer step, and ours'/DeepSpeed's
+internal phases), which is how a step-time ratio is traced to its cause.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import resource
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -158,13 +161,25 @@ def main() -> None:
         except (RuntimeError, TypeError, ValueError):  # FSDP2's DTensor params, where fused is unsupported
             opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-4, weight_decay=0.0, foreach=True)
 
+        def forward(ids: torch.Tensor) -> torch.Tensor:
+            return wrapped(input_ids=ids, labels=ids).loss
+
+        def backward(loss: torch.Tensor) -> None:
+            loss.backward()  # DDP: the bucketed all-reduce runs inside
+
         def step(i: int) -> None:
             ids = batch(i, dist.get_rank(), args.micro)
-            wrapped(input_ids=ids, labels=ids).loss.backward()
+            run.backward(run.forward(ids))
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+        run = types.SimpleNamespace(forward=forward, backward=backward)  # phases can wrap these
+
     if phases:
+        if args.impl in ("ddp", "fsdp2"):
+            phases.wrap(run, "forward", "forward")
+            phases.wrap(run, "backward", "backward")
+            phases.wrap(opt, "step", "torch_optimizer.step")
         _instrument(phases, args.impl, engine if args.impl != "ddp" and args.impl != "fsdp2" else None)
         phases.mark("init.engine")
         inner = step
