@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 from ds_core.testing import run_distributed
-from ds_train.testing import VOCAB, make_batch, reference_train
+from ds_train.testing import VOCAB, reference_train, train_steps
 from ds_train.zero.stage3_testing import hf_model, stage3_config
 
 NEW_ROWS_TOL = 1e-6
@@ -44,7 +44,6 @@ def _resize_train_worker(path: str, resize: dict, steps: int) -> dict:
     import transformers
     from ds_core import comm
     from ds_train.hf import zero3_for_transformers
-    from ds_train.testing import lm_loss
     from ds_train.zero import GatheredParameters, Init
     from ds_train.zero.stage3_testing import _HFLogits
 
@@ -70,13 +69,7 @@ def _resize_train_worker(path: str, resize: dict, steps: int) -> dict:
     wrapped = _HFLogits(model)
     wrapped.train()
     engine, *_ = ds_train.initialize(model=wrapped, config=cfg)
-    losses = []
-    for step in range(steps):
-        ids = make_batch(step, 0, rank)
-        loss = lm_loss(engine(ids), ids)
-        engine.backward(loss)
-        engine.step()
-        losses.append(float(loss.detach()))
+    losses = train_steps(engine, steps, rank)
     out["losses"] = losses
     out["final"] = engine.get_fp32_state_dict()
     engine.destroy()

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 from ds_core.testing import run_distributed
-from ds_train.testing import lm_loss, make_batch, make_model
+from ds_train.testing import lm_loss, make_batch, make_model, train_steps
 from ds_train.zero.stage3_testing import stage3_config, swap_dir
 
 STEPS = 6
@@ -72,13 +72,7 @@ def _train_worker(offload: str, base: str, threshold: int) -> dict:
     # persistent (small) ones are whole between uses on every rank, as trainable persistent ones are
     between = [hasattr(p, "ds3") and p.numel() == (p.ds3.numel if threshold else 0) for p in frozen]
     out = {"partitioned": all(between)}
-    losses = []
-    for step in range(STEPS):
-        ids = make_batch(step, 0, rank)
-        loss = lm_loss(engine(ids), ids)
-        engine.backward(loss)
-        engine.step()
-        losses.append(float(loss.detach()))
+    losses = train_steps(engine, STEPS, rank)
     out["losses"] = losses
     out["still_partitioned"] = all(hasattr(p, "ds3") and p.numel() == (p.ds3.numel if threshold else 0)
                                    and p.grad is None for p in frozen)

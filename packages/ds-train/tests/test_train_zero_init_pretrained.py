@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 from ds_core.testing import run_distributed
-from ds_train.testing import make_batch, reference_train
+from ds_train.testing import reference_train, train_steps
 from ds_train.zero.stage3_testing import PeakMemory, hf_model, stage3_config
 
 
@@ -147,7 +147,6 @@ def _train_worker(path: str, steps: int) -> dict:
     import ds_train
     import transformers
     from ds_core import comm
-    from ds_train.testing import lm_loss
     from ds_train.zero import Init
     from ds_train.zero.stage3_testing import _HFLogits
 
@@ -158,13 +157,7 @@ def _train_worker(path: str, steps: int) -> dict:
         model = _HFLogits(transformers.AutoModelForCausalLM.from_pretrained(path))
     model.train()
     engine, *_ = ds_train.initialize(model=model, config=cfg)
-    losses = []
-    for step in range(steps):
-        ids = make_batch(step, 0, rank)
-        loss = lm_loss(engine(ids), ids)
-        engine.backward(loss)
-        engine.step()
-        losses.append(float(loss.detach()))
+    losses = train_steps(engine, steps, rank)
     final = engine.get_fp32_state_dict()
     engine.destroy()
     return {"losses": losses, "final": final}
@@ -256,7 +249,7 @@ def test_zero_init_wraps_module_classes_defined_inside_the_context() -> None:
 def _frozen_worker(use_init: bool) -> dict:
     import ds_train
     from ds_core import comm
-    from ds_train.testing import TinyLM, lm_loss
+    from ds_train.testing import TinyLM
     from ds_train.zero import Init
 
     rank = comm.get_rank()
@@ -270,13 +263,7 @@ def _frozen_worker(use_init: bool) -> dict:
     for p in model.up.parameters():
         p.requires_grad_(False)
     engine, *_ = ds_train.initialize(model=model, config=cfg)
-    losses = []
-    for step in range(4):
-        ids = make_batch(step, 0, rank)
-        loss = lm_loss(engine(ids), ids)
-        engine.backward(loss)
-        engine.step()
-        losses.append(float(loss.detach()))
+    losses = train_steps(engine, 4, rank)
     frozen = model.up.weight
     out = {"losses": losses, "partitioned": hasattr(frozen, "ds3") and frozen.numel() == 0}
     engine.destroy()

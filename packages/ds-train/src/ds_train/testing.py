@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TinyLM", "make_batch", "lm_loss", "reference_train", "engine_config"]
+__all__ = ["TinyLM", "make_batch", "lm_loss", "reference_train", "engine_config", "train_steps"]
 
 VOCAB = 37
 HIDDEN = 24
@@ -52,6 +52,18 @@ def make_batch(step: int, micro: int, rank: int, batch: int = 3, seq: int = 8) -
 
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), ids[:, 1:].reshape(-1))
+
+
+def train_steps(engine: Any, steps: int, rank: int) -> list[float]:
+    """`steps` optimizer steps of one micro batch each on this rank's batches; the losses."""
+    losses = []
+    for step in range(steps):
+        ids = make_batch(step, 0, rank)
+        loss = lm_loss(engine(ids), ids)
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+    return losses
 
 
 def engine_config(stage: int, dtype: str, grad_accum: int, world: int, clip: float = 0.5,

@@ -13,9 +13,15 @@ from typing import Any
 
 import torch
 
-from ds_train.zero.chunked_step import is_state_tensor
 from ds_train.zero.partition import GroupLayout
-from ds_train.zero.shard_checkpoint import group_meta, shard_from_full
+from ds_train.zero.shard_checkpoint import (
+    check_groups_match,
+    chunk_state_tensors,
+    group_meta,
+    restore_chunk_states,
+    restore_hyperparams,
+    shard_from_full,
+)
 from ds_train.zero.strategy import ShardReader
 
 __all__ = ["Stage3StateMixin"]
@@ -37,17 +43,8 @@ class Stage3StateMixin:
         if self.nvme_optimizer is not None:
             tensors = {k: self.nvme_optimizer.read_full(gi, k) for k in ("exp_avg", "exp_avg_sq")}
             return tensors, {"step": self.nvme_optimizer.steps[gi]}
-        shard_numel = self._layouts[gi].shard_numel
-        tensors: dict[str, torch.Tensor] = {}
-        scalars: dict[str, Any] = {}
-        for p, (lo, hi) in zip(self._opt_params[gi], self._ranges[gi]):
-            for key, value in self.optimizer.state.get(p, {}).items():
-                if is_state_tensor(key, value, p):
-                    buf = tensors.setdefault(key, torch.zeros(shard_numel, dtype=torch.float32))
-                    buf[lo:hi] = value.detach().reshape(-1).float().cpu()
-                else:  # the same in every chunk (they are stepped together)
-                    scalars.setdefault(key, value.item() if isinstance(value, torch.Tensor) else value)
-        return tensors, scalars
+        return chunk_state_tensors(self.optimizer, self._opt_params[gi], self._ranges[gi],
+                                   self._layouts[gi].shard_numel)
 
     def _state_views(self, gi: int, key: str, lo: int, hi: int) -> list[tuple[torch.Tensor, int]]:
         """Views of optimizer state `key` covering [lo, hi) of group `gi`'s shard, one per chunk it
@@ -89,25 +86,14 @@ class Stage3StateMixin:
         return shard_from_full(self._layouts[gi], self.rank, full, what)
 
     def load_shard_state(self, reader: ShardReader, load_optimizer_states: bool) -> None:
-        if reader.group_count() != len(self._layouts):
-            raise ValueError(f"checkpoint has {reader.group_count()} param groups, this engine has "
-                             f"{len(self._layouts)}")
-        for gi, layout in enumerate(self._layouts):  # validate everything before changing anything
-            names, saved = [s.name for s in layout.slots], reader.param_names(gi)
-            if sorted(saved) != sorted(names):
-                raise ValueError(
-                    f"param group {gi} does not match the checkpoint: missing from checkpoint "
-                    f"{sorted(set(names) - set(saved))[:5]}, not in model {sorted(set(saved) - set(names))[:5]}")
+        check_groups_match(reader, self._layouts)  # everything is validated before anything changes
         for gi in range(len(self._layouts)):
             master = self._shard_from_full(gi, reader.full_tensors(gi, "fp32"), "fp32")
             self._set_master(gi, master)
             if not load_optimizer_states:
                 continue
             meta = reader.group_meta(gi)
-            group = self.optimizer.param_groups[gi]
-            for k, v in meta.get("hyperparams", {}).items():
-                if k in group:
-                    group[k] = tuple(v) if isinstance(group[k], tuple) else v
+            restore_hyperparams(self.optimizer.param_groups[gi], meta)
             states = {key: self._shard_from_full(gi, reader.full_tensors(gi, key), key)
                       for key in meta.get("state_keys", [])}
             scalars = meta.get("scalar_state", {})
@@ -118,13 +104,7 @@ class Stage3StateMixin:
                     self.nvme_optimizer.write_full(gi, key, states[key])
                 self.nvme_optimizer.steps[gi] = int(scalars.get("step", 0))
                 continue
-            for p, (lo, hi) in zip(self._opt_params[gi], self._ranges[gi]):
-                state = self.optimizer.state[p]
-                state.clear()
-                for key, value in states.items():
-                    state[key] = value[lo:hi].view(p.shape).to(device=p.device, dtype=p.dtype).clone()
-                for key, value in scalars.items():
-                    state[key] = _restore_scalar(self.optimizer, key, value)
+            restore_chunk_states(self.optimizer, self._opt_params[gi], self._ranges[gi], states, scalars)
         self._refresh_persistent()
         self.reducer.clear()
 
@@ -139,13 +119,4 @@ class Stage3StateMixin:
         for rec in self.records:
             if rec.group == gi:
                 self.gatherer.release(rec, force=True)
-
-
-def _restore_scalar(optimizer: torch.optim.Optimizer, key: str, value: Any) -> Any:
-    """torch optimizers keep `step` as a float tensor; ds-kernels' keep an int."""
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad)) and key == "step":
-        return torch.tensor(float(value), dtype=torch.float32)
-    if key == "step":
-        return int(value)
-    return value
 
